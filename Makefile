@@ -1,0 +1,22 @@
+# Two commands do all the set-up on a fresh machine:
+#   make quickstart   install into .venv, prepare the embedded corpus, train, generate
+#   make test         install into .venv and run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/mistura: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/mistura
+
+quickstart: install
+	$(BIN)/mistura train configs/quickstart.yaml
+
+test: install
+	$(BIN)/python -m pytest
+
+.PHONY: install quickstart test

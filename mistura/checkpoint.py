@@ -1,0 +1,186 @@
+"""Checkpoint directories, the unit every command exchanges.
+
+    <dir>/config.json         the model config (ModelConfig.to_dict)
+    <dir>/model.safetensors   the weights (a tied lm_head is stored once, as tok_emb)
+    <dir>/tokenizer.json      the tokenizer the model was trained with
+    <dir>/manifest.json       byte size and sha256 of every other file, written last
+
+Training runs add their state files (see mistura.train.state). A run directory keeps
+its checkpoints as `<run>/checkpoints/step-XXXXXXX`; anything that takes a checkpoint
+also takes the run directory and uses its latest checkpoint.
+
+Directories are written under a temporary name and renamed into place, so a crash
+never leaves a half-written checkpoint; loading verifies the manifest, so a truncated
+or edited file is reported by name instead of failing deep inside torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mistura.config import ModelConfig
+from mistura.errors import CheckpointError, ConfigError
+from mistura.model import Transformer
+
+MANIFEST = "manifest.json"
+STEP_PREFIX = "step-"
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success write its manifest and rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(directory: Path) -> None:
+    """Check every file against the manifest: present, same size, same hash."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory} has no {MANIFEST}: not a complete mistura checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its checksum: the file is corrupt")
+
+
+def write_model(directory: Path, model: Transformer, tokenizer_file: Path | None = None) -> None:
+    """Write config.json, model.safetensors and (if given) tokenizer.json into `directory`."""
+    config = model.config
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+    save_file(weights_of(model), directory / "model.safetensors", metadata={"format": "pt", "mistura": "1"})
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
+
+
+def weights_of(model: Transformer) -> dict[str, torch.Tensor]:
+    """The tensors to store: the state dict on the CPU, a tied lm_head stored once (as tok_emb)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    return state
+
+
+def save_model(directory: str | Path, model: Transformer, tokenizer_file: Path | None = None) -> Path:
+    """Save a model (and its tokenizer) as a standalone checkpoint directory, atomically."""
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        write_model(tmp, model, tokenizer_file)
+    return directory
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest `step-*` checkpoint of a run directory, or None."""
+    steps = sorted((run_dir / "checkpoints").glob(f"{STEP_PREFIX}*"))
+    return steps[-1] if steps else None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint or run directory path."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if (path / "config.json").is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint (no config.json) nor a run with checkpoints/")
+    return latest
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """Load a checkpoint (or a run's latest) as a ready model in eval mode."""
+    directory = resolve(path)
+    verify(directory)
+    try:
+        config = ModelConfig.from_json(directory / "config.json")
+    except ConfigError as err:
+        raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
+    model = Transformer(config)
+    model.load_state_dict(read_weights(directory / "model.safetensors", model))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
+    """Read a safetensors file and check its tensors against `model`'s, naming any mismatch."""
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from err
+    return complete_weights(state, model, str(path))
+
+
+def complete_weights(state: dict[str, torch.Tensor], model: Transformer, where: str) -> dict[str, torch.Tensor]:
+    """Stored tensors (see weights_of) as a full state dict for `model`, checked against it."""
+    if model.config.tie_embeddings and "tok_emb.weight" in state:
+        state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+    check_state(state, model.state_dict(), where)
+    return state
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
+    """Raise CheckpointError naming missing, unexpected or mis-shaped tensors."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {_some(missing)} for this model config")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {_some(unexpected)} for this model config")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, "
+                f"the config expects {tuple(expected[name].shape)}"
+            )
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,164 @@
+"""The `mistura` command line. Each subcommand parses its flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mistura.errors import MisturaError
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from mistura.data.prepare import prepare
+
+    prepare(args.source, Path(args.out), vocab_size=args.vocab_size, val_fraction=args.val_fraction, seed=args.seed)
+
+
+def cmd_gutenberg(args: argparse.Namespace) -> None:
+    from mistura.data.gutenberg import download_gutenberg_pt
+
+    paths = download_gutenberg_pt(args.books, Path(args.out))
+    print(f"{len(paths)} books in {args.out}; prepare them with: mistura prepare --source {args.out}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import mistura
+    from mistura.data.tokenizer import load_tokenizer
+    from mistura.fields import parse_overrides
+    from mistura.infer.generate import generate_text
+    from mistura.train.config import RunConfig
+    from mistura.train.trainer import Trainer
+
+    run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
+    summary = Trainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    unigram = summary["unigram_loss"]
+    print(
+        f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss {summary['val_loss']:.3f} "
+        f"(perplexity {summary['val_ppl']:.1f}; unigram baseline {unigram:.3f}) | checkpoint {summary['checkpoint']}"
+    )
+    model = mistura.load(summary["checkpoint"])
+    tokenizer = load_tokenizer(Path(summary["checkpoint"]) / "tokenizer.json")
+    print("\nsamples:")
+    for prompt in run.sample.prompts:
+        print(f"  {prompt}{generate_text(model, tokenizer, prompt, run.sample)}\n")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import mistura
+    from mistura.checkpoint import resolve
+    from mistura.data.tokenizer import load_tokenizer
+    from mistura.errors import ConfigError
+    from mistura.infer.generate import generate_file, generate_text
+    from mistura.infer.sampling import Sampling
+
+    if (args.prompt is None) == (args.input_file is None):
+        raise ConfigError("give either --prompt or --input-file")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    directory = resolve(args.checkpoint)
+    model = mistura.load(directory)
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    if args.input_file is not None:
+        output = args.output or str(Path(args.input_file).with_suffix(".jsonl"))
+        count = generate_file(model, tokenizer, args.input_file, output, sampling)
+        print(f"{count} completions written to {output}")
+        return
+    print(args.prompt, end="", flush=True)
+    generate_text(model, tokenizer, args.prompt, sampling, on_text=lambda t: print(t, end="", flush=True))
+    print()
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    import torch
+
+    from mistura.config import PRESETS, ModelConfig
+    from mistura.errors import ConfigError
+    from mistura.fields import parse_overrides
+    from mistura.model import Transformer
+    from mistura.train.config import RunConfig
+
+    overrides = parse_overrides([f"model.{s}" for s in args.set])
+    if args.config in PRESETS:
+        config = ModelConfig.from_name(args.config, **overrides.get("model", {}))
+    elif Path(args.config).is_file():
+        config = RunConfig.from_yaml(args.config, overrides).model
+    else:
+        raise ConfigError(f"'{args.config}' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
+    with torch.device("meta"):
+        counts = Transformer(config).parameter_counts()
+    rows = [
+        ("model", config.name),
+        ("total parameters", f"{counts['total']:,}"),
+        ("active parameters per token", f"{counts['active']:,}"),
+        ("  of which embeddings", f"{counts['embedding']:,}"),
+        ("KV cache per token (bf16)", f"{config.kv_cache_bytes_per_token(2):,} bytes"),
+        ("KV cache per token (fp32)", f"{config.kv_cache_bytes_per_token(4):,} bytes"),
+    ]
+    if args.json:
+        print(json.dumps({**counts, "kv_cache_bytes_per_token_bf16": config.kv_cache_bytes_per_token(2)}))
+        return
+    for label, value in rows:
+        print(f"{label:<30} {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistura", description="Train, compare and use Transformer language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="train a BPE tokenizer on a corpus and write token files")
+    p.add_argument("--source", default="machado", help="'machado' (embedded corpus), a folder of .txt files or a .txt file")
+    p.add_argument("--out", default="data/machado", help="output folder")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, in whole works, kept for validation")
+    p.add_argument("--seed", type=int, default=1337)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("data", help="download corpora")
+    data_sub = p.add_subparsers(dest="dataset", required=True)
+    g = data_sub.add_parser("gutenberg-pt", help="Portuguese books from Project Gutenberg (needs internet)")
+    g.add_argument("--books", type=int, default=100)
+    g.add_argument("--out", default="data/gutenberg-pt")
+    g.set_defaults(func=cmd_gutenberg)
+
+    p = sub.add_parser("train", help="train a model from a YAML run config")
+    p.add_argument("config", help="run config, e.g. configs/quickstart.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue a prompt, or every line of a prompts file")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--prompt")
+    p.add_argument("--input-file", help="one prompt per line; writes JSONL")
+    p.add_argument("--output", help="JSONL output (default: the input file with .jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("params", help="parameter counts and KV-cache size of a preset or run config")
+    p.add_argument("config", help="a preset name (e.g. gpt2-small) or a run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model field, e.g. n_layer=6")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MisturaError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Causal self-attention with grouped-query heads, on PyTorch's scaled_dot_product_attention.
+
+Queries have `n_head` heads; keys and values have `n_kv_head` heads, each shared by
+n_head / n_kv_head query heads (GQA; equal counts give classic multi-head attention).
+Separate q/k/v/o projections keep the Hugging Face mapping one-to-one and make LoRA
+and quantisation plain module swaps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistura.config import ModelConfig
+from mistura.model.cache import KVCache
+from mistura.model.rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.dropout = config.attn_dropout
+        self.q_proj = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D_model)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, H_kv, start + T, D)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=_prefix_causal_mask(start, T, x.device) if start and T > 1 else None,
+            is_causal=start == 0 and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def _prefix_causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
+    """(T, start + T) boolean mask: query i, at absolute position start + i, sees keys 0 .. start + i."""
+    rows = torch.arange(start, start + length, device=device)[:, None]
+    cols = torch.arange(start + length, device=device)[None, :]
+    return cols <= rows

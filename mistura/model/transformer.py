@@ -1,0 +1,167 @@
+"""The decoder-only Transformer: embeddings, a stack of pre-norm blocks, a language-model head.
+
+    tokens (B, T) -> embed (+ learned positions) -> N x Block -> norm -> lm_head -> logits (B, T, V)
+    Block: x = x + attn(norm(x)); x = x + mlp(norm(x))
+
+The same class expresses GPT-2 (LayerNorm, GELU, learned positions, biases, tied
+embeddings) and Llama (RMSNorm, SwiGLU, RoPE, GQA, no biases); `ModelConfig` picks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mistura.config import ModelConfig
+from mistura.errors import ConfigError
+from mistura.infer.sampling import check_sampling, sample_next
+from mistura.model.attention import Attention
+from mistura.model.cache import KVCache
+from mistura.model.mlp import build_mlp
+from mistura.model.norm import RMSNorm, build_norm
+from mistura.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = build_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = build_norm(config)
+        self.mlp = build_mlp(config, layer)
+        self.resid_dropout = nn.Dropout(config.resid_dropout)
+
+    def forward(self, x, rope, cache):
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        learned = config.position == "learned"
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        self.rope = (
+            None if learned else RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        )
+        self.emb_dropout = nn.Dropout(config.resid_dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = build_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False  # recompute blocks in backward to save memory
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter; norms start as the identity.
+
+        | parameters                           | init                                   |
+        |--------------------------------------|----------------------------------------|
+        | embeddings, linear weights, lm_head  | normal(0, init_std)                    |
+        | attention o_proj, MLP down_proj      | normal(0, init_std / sqrt(2 n_layer))  |
+        |                                      | when scaled_init (GPT-2's residual     |
+        |                                      | scaling: the stream's variance stays   |
+        |                                      | flat with depth)                       |
+        | biases                               | zero                                   |
+        | norm weights and alpha               | one                                    |
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layer) if self.config.scaled_init else std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached tokens."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        self._check_length(start + T, cache)
+        x = self.tok_emb(idx)  # (B, T, D)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.emb_dropout(x)
+        rope = self.rope(start, T) if self.rope is not None else None
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, those each token uses (all of them in a dense model), and the embeddings'."""
+        total = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
+        embedding = sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb) if m is not None)
+        return {"total": total, "active": total, "embedding": embedding}
+
+    def _check_length(self, end: int, cache: KVCache | None) -> None:
+        if end > self.config.max_seq_len:
+            raise ConfigError(
+                f"sequence of {end} tokens exceeds the model's max_seq_len={self.config.max_seq_len}"
+            )
+        if cache is not None and end > cache.max_len:
+            raise ConfigError(f"sequence of {end} tokens exceeds the KV cache length {cache.max_len}")
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache on this model's device and dtype, for up to max_len (default max_seq_len) tokens."""
+        param = self.tok_emb.weight
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,  # (B, T) prompt ids
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """Prompt plus up to max_new_tokens new ids (B, T + n); greedy when temperature is 0.
+
+        Decoding runs on a KV cache: the prompt is processed once, then one token per
+        step. A row that produced `eos_id` keeps emitting it; generation stops when
+        every row has, or when the model's context (max_seq_len) is full. `on_token`
+        receives each step's new ids (B,) as they are chosen, for streaming.
+        """
+        check_sampling(temperature, top_k, top_p)
+        B, T = idx.shape
+        if T == 0:
+            raise ConfigError("the prompt is empty: give at least one token")
+        steps = min(max_new_tokens, self.config.max_seq_len - T)
+        cache = self.new_cache(B, T + steps)
+        logits = self(idx, cache)[:, -1]  # (B, V)
+        out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
+        for step in range(steps):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            out.append(token[:, None])
+            if on_token is not None:
+                on_token(token)
+            if step == steps - 1 or (eos_id is not None and bool(done.all())):
+                break
+            logits = self(token[:, None], cache)[:, -1]
+        return torch.cat(out, dim=1)

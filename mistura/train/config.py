@@ -1,0 +1,118 @@
+"""A training run's configuration: the YAML file `mistura train` reads.
+
+    model:  a preset and overrides (see mistura.config.ModelConfig)
+    data:   which corpus, where its prepared tokens live, the tokenizer size
+    train:  optimisation, schedule, evaluation, checkpoints, logging
+    sample: prompts written after training
+
+Every section is a validated dataclass: an unknown key or a wrong type is an error
+that names it. `--set section.key=value` overrides any field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mistura.config import ModelConfig
+from mistura.errors import ConfigError
+from mistura.fields import from_dict, merge
+from mistura.infer.sampling import Sampling
+
+
+@dataclass
+class DataConfig:
+    source: str = "machado"  # "machado" (embedded corpus), a folder of .txt files, or one .txt file
+    dir: str = "data/machado"  # where `mistura prepare` writes tokenizer.json, train.bin, val.bin
+    vocab_size: int = 8192
+    val_fraction: float = 0.1
+    seed: int = 1337
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    device: str = "auto"  # auto: cuda, then mps, then cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA when supported
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the averaged weights
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_interval: int = 100
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    loggers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr: must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(f"train.warmup_steps: must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"train.betas: expected two values in [0, 1), got {list(self.betas)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: must be in (0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class SampleConfig(Sampling):
+    """Text written by the trained model at the end of the run."""
+
+    prompts: tuple[str, ...] = ("Capitu", "O amor é", "Naquele tempo, a cidade")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        unknown = set(data) - {"model", "data", "train", "sample"}
+        if unknown:
+            raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train, sample")
+        return cls(
+            model=ModelConfig.from_dict(data.get("model") or {}),
+            data=from_dict(DataConfig, data.get("data") or {}, "data"),
+            train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+            sample=from_dict(SampleConfig, data.get("sample") or {}, "sample"),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Read a run config; `overrides` (nested, from `--set`) win over the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected sections model, data, train, sample at the top level")
+        return cls.from_dict(merge(data, overrides or {}))

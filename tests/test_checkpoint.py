@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+import mistura
+from mistura.checkpoint import atomic_directory, save_model
+from mistura.errors import CheckpointError
+from mistura.model import Transformer
+
+
+@pytest.fixture
+def saved(tmp_path, tiny):
+    torch.manual_seed(0)
+    model = Transformer(tiny("llama-tiny"))
+    return model, save_model(tmp_path / "ckpt", model)
+
+
+def test_save_and_load_round_trip(saved):
+    model, directory = saved
+    loaded = mistura.load(directory)
+    assert not loaded.training
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    x = torch.randint(0, 97, (2, 8))
+    assert torch.equal(model(x), loaded(x))
+    assert {p.name for p in directory.iterdir()} == {"config.json", "model.safetensors", "manifest.json"}
+
+
+def test_load_casts_dtype(saved):
+    _, directory = saved
+    assert mistura.load(directory, dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_truncated_weights_are_named(saved):
+    _, directory = saved
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated"):
+        mistura.load(directory)
+
+
+def test_mismatched_config_is_named(saved):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    config["d_ff"] = 128
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest"):
+        mistura.load(directory)
+
+
+def test_shape_mismatch_names_the_tensor(saved, tiny, tmp_path):
+    _, directory = saved  # weights with d_ff=64, config below with d_ff=128
+    other = save_model(tmp_path / "other", Transformer(tiny("llama-tiny", d_ff=128)))
+    with atomic_directory(tmp_path / "mixed") as tmp:
+        (tmp / "config.json").write_bytes((other / "config.json").read_bytes())
+        (tmp / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.mlp\.\w+_proj\.weight' has shape .* expects"):
+        mistura.load(tmp_path / "mixed")
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        mistura.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
+        mistura.load(tmp_path / "empty")
+
+
+def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "ckpt") as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("crash while writing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_directory_replaces_an_existing_one(tmp_path):
+    for content in (b"old", b"new"):
+        with atomic_directory(tmp_path / "ckpt") as tmp:
+            (tmp / "f.bin").write_bytes(content)
+    assert (tmp_path / "ckpt" / "f.bin").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
