@@ -233,9 +233,9 @@ def prepared_data(data: DataConfig, log=print) -> dict[str, Any]:
         log(f"preparing {data.source} into {directory} (once)")
         prepare(data.source, directory, vocab_size=data.vocab_size, val_fraction=data.val_fraction, seed=data.seed, log=log)
     meta = load_meta(directory)
-    if meta["vocab_size"] != data.vocab_size:
+    if meta["requested_vocab_size"] != data.vocab_size:
         raise ConfigError(
-            f"data.dir {directory} was prepared with vocab_size={meta['vocab_size']}, the config asks for "
+            f"data.dir {directory} was prepared with vocab_size={meta['requested_vocab_size']}, the config asks for "
             f"{data.vocab_size}: choose another data.dir or delete it to prepare again"
         )
     return meta

@@ -1,26 +1,4 @@
-from pathlib import Path
-
 import pytest
-
-from mistura.data.corpus import load_machado
-from mistura.data.prepare import prepare
-
-
-@pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> Path:
-    """Six short works of the embedded corpus, as a folder of .txt files."""
-    folder = tmp_path_factory.mktemp("corpus")
-    works = sorted(load_machado(), key=lambda d: len(d.text))[10:16]
-    for i, doc in enumerate(works):
-        (folder / f"{i}.txt").write_text(doc.text, encoding="utf-8")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def prepared(small_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare(str(small_corpus), out, vocab_size=384, val_fraction=0.3, seed=0, log=lambda *a: None)
-    return out
 
 
 @pytest.fixture
