@@ -1,9 +1,9 @@
 """mistura: build, train, compare and serve Transformer language models with Mixture-of-Experts.
 
-    import mistura
-    model = mistura.load("runs/quickstart")          # a ready model, in eval mode
-    logits = model(input_ids)                         # (B, T, V)
-    ids = model.generate(input_ids, max_new_tokens=50, temperature=0.8, top_k=50)
+import mistura
+model = mistura.load("runs/quickstart")          # a ready model, in eval mode
+logits = model(input_ids)                         # (B, T, V)
+ids = model.generate(input_ids, max_new_tokens=50, temperature=0.8, top_k=50)
 """
 
 from mistura.checkpoint import load

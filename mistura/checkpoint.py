@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mistura.atomic import atomic_directory
 from mistura.config import ModelConfig
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
@@ -37,24 +37,11 @@ STEP_PREFIX = "step-"
 
 
 @contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success write its manifest and rename it to `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+def checkpoint_directory(final: Path) -> Iterator[Path]:
+    """An atomic directory (see mistura.atomic) whose manifest is written last, just before the rename."""
+    with atomic_directory(final) as tmp:
         yield tmp
         _write_manifest(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_manifest(directory: Path) -> None:
@@ -111,7 +98,7 @@ def weights_of(model: Transformer) -> dict[str, torch.Tensor]:
 def save_model(directory: str | Path, model: Transformer, tokenizer_file: Path | None = None) -> Path:
     """Save a model (and its tokenizer) as a standalone checkpoint directory, atomically."""
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with checkpoint_directory(directory) as tmp:
         write_model(tmp, model, tokenizer_file)
     return directory
 

@@ -107,10 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="train a BPE tokenizer on a corpus and write token files")
-    p.add_argument("--source", default="machado", help="'machado' (embedded corpus), a folder of .txt files or a .txt file")
+    p.add_argument(
+        "--source", default="machado", help="'machado' (embedded corpus), a folder of .txt files or a .txt file"
+    )
     p.add_argument("--out", default="data/machado", help="output folder")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text, in whole works, kept for validation")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of the text, in whole works, kept for validation"
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.set_defaults(func=cmd_prepare)
 
@@ -123,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model from a YAML run config")
     p.add_argument("config", help="run config, e.g. configs/quickstart.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.max_steps=100")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.max_steps=100"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -142,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="parameter counts and KV-cache size of a preset or run config")
     p.add_argument("config", help="a preset name (e.g. gpt2-small) or a run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model field, e.g. n_layer=6")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a model field, e.g. n_layer=6"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
     return parser

@@ -72,15 +72,11 @@ class ModelConfig:
             self.layer_mlp = ("dense",) * self.n_layer
         self._check_positive("n_kv_head", "head_dim", "d_ff")
         if self.n_head % self.n_kv_head:
-            raise ConfigError(
-                f"model.n_kv_head: {self.n_kv_head} key/value heads do not divide n_head={self.n_head}"
-            )
+            raise ConfigError(f"model.n_kv_head: {self.n_kv_head} key/value heads do not divide n_head={self.n_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim: RoPE needs an even head width, got {self.head_dim}")
         if len(self.layer_mlp) != self.n_layer:
-            raise ConfigError(
-                f"model.layer_mlp: has {len(self.layer_mlp)} entries but n_layer={self.n_layer}"
-            )
+            raise ConfigError(f"model.layer_mlp: has {len(self.layer_mlp)} entries but n_layer={self.n_layer}")
         if self.adaptive_norm and self.norm != "rmsnorm":
             raise ConfigError("model.adaptive_norm: only RMSNorm has an adaptive variant")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
@@ -135,9 +131,7 @@ def _swiglu_width(d_model: int, multiple_of: int = 64) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-_GPT2 = dict(
-    mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True
-)
+_GPT2 = dict(mlp="gelu_tanh", norm="layernorm", position="learned", bias=True, tie_embeddings=True)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small, the 124M shape: https://huggingface.co/openai-community/gpt2/blob/main/config.json
@@ -147,8 +141,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Seed 004's dense baseline: GPT-2 with RoPE, pre-LayerNorm, biases and a SwiGLU MLP of
     # hidden width 768, the expert width its Qwen-MoE runs keep for a fair comparison.
     "seed004-baseline": dict(
-        norm="layernorm", position="rope", bias=True, tie_embeddings=True,
-        mlp="swiglu", n_layer=6, d_model=256, n_head=8, d_ff=768,
+        norm="layernorm",
+        position="rope",
+        bias=True,
+        tie_embeddings=True,
+        mlp="swiglu",
+        n_layer=6,
+        d_model=256,
+        n_head=8,
+        d_ff=768,
     ),
     # Llama-style (seed 002): RoPE, RMSNorm, GQA, SwiGLU, no biases; ~4M parameters.
     "llama-tiny": dict(n_layer=4, d_model=256, n_head=8, n_kv_head=4, d_ff=704, tie_embeddings=True),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mistura
-from mistura.checkpoint import atomic_directory, save_model
+from mistura.checkpoint import checkpoint_directory, save_model
 from mistura.errors import CheckpointError
 from mistura.model import Transformer
 
@@ -52,7 +52,7 @@ def test_mismatched_config_is_named(saved):
 def test_shape_mismatch_names_the_tensor(saved, tiny, tmp_path):
     _, directory = saved  # weights with d_ff=64, config below with d_ff=128
     other = save_model(tmp_path / "other", Transformer(tiny("llama-tiny", d_ff=128)))
-    with atomic_directory(tmp_path / "mixed") as tmp:
+    with checkpoint_directory(tmp_path / "mixed") as tmp:
         (tmp / "config.json").write_bytes((other / "config.json").read_bytes())
         (tmp / "model.safetensors").write_bytes((directory / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.mlp\.\w+_proj\.weight' has shape .* expects"):
@@ -67,17 +67,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         mistura.load(tmp_path / "empty")
 
 
-def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
+def test_checkpoint_directory_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
-        with atomic_directory(tmp_path / "ckpt") as tmp:
+        with checkpoint_directory(tmp_path / "ckpt") as tmp:
             (tmp / "half.bin").write_bytes(b"x")
             raise RuntimeError("crash while writing")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_atomic_directory_replaces_an_existing_one(tmp_path):
+def test_checkpoint_directory_replaces_an_existing_one(tmp_path):
     for content in (b"old", b"new"):
-        with atomic_directory(tmp_path / "ckpt") as tmp:
+        with checkpoint_directory(tmp_path / "ckpt") as tmp:
             (tmp / "f.bin").write_bytes(content)
     assert (tmp_path / "ckpt" / "f.bin").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

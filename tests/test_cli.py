@@ -13,7 +13,8 @@ def trained(prepared, tmp_path_factory):
     config.write_text(
         "model: {preset: llama-tiny, n_layer: 2, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, max_seq_len: 64}\n"
         f"data: {{dir: '{prepared}', vocab_size: 384}}\n"
-        f"train: {{out_dir: '{out}', batch_size: 4, max_steps: 10, warmup_steps: 2, eval_interval: 5, eval_batches: 2, log_interval: 1}}\n"
+        f"train: {{out_dir: '{out}', batch_size: 4, max_steps: 10, warmup_steps: 2, eval_interval: 5,"
+        " eval_batches: 2, log_interval: 1}\n"
         "sample: {prompts: ['Capitu'], max_new_tokens: 8}\n"
     )
     assert main(["train", str(config), "--no-progress", "--set", "train.lr=0.01"]) == 0

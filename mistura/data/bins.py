@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mistura.data.atomic import atomic_write
+from mistura.atomic import atomic_write
 from mistura.errors import CheckpointError, ConfigError, DataError
 
 

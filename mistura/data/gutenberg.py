@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mistura.data.atomic import atomic_write
+from mistura.atomic import atomic_write
 from mistura.data.corpus import clean_text
 from mistura.errors import ConfigError, DataError
 

@@ -29,16 +29,14 @@ place at the end, so an interrupted run leaves the previous data as it was.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from mistura.atomic import atomic_directory
 from mistura.data.bins import token_dtype, write_tokens
 from mistura.data.corpus import Document, load_corpus, split_documents
 from mistura.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_text, fertility, train_tokenizer
@@ -87,7 +85,7 @@ def prepare(
         "val_fraction": val_fraction,
         "unigram_loss": unigram_loss(train_ids, val_ids, vocab),
     }
-    with _staging_dir(out_dir) as staging:
+    with atomic_directory(out_dir) as staging:
         write_tokens(train_ids, staging / "train.bin", vocab)
         write_tokens(val_ids, staging / "val.bin", vocab)
         tokenizer.save(str(staging / "tokenizer.json"))
@@ -146,21 +144,3 @@ def _check_replaceable(out_dir: Path) -> None:
     """Refuse to replace a folder that holds anything but an earlier `prepare`'s output."""
     if out_dir.exists() and not (out_dir / "meta.json").is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DataError(f"{out_dir} exists and is not a prepared data folder; choose another output folder")
-
-
-@contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty folder that takes `out_dir`'s place once the block ends without an error."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    previous = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        if out_dir.exists():
-            os.replace(out_dir, previous)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)

@@ -61,8 +61,14 @@ def generate_text(
             on_text(piece)
 
     out = model.generate(
-        ids, sampling.max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
-        eos_id=EOS_ID, generator=generator, on_token=emit,
+        ids,
+        sampling.max_new_tokens,
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
+        eos_id=EOS_ID,
+        generator=generator,
+        on_token=emit,
     )
     return tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
 

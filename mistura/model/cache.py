@@ -30,9 +30,7 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) for `layer`; return all keys and values so far (B, H_kv, pos + T, D)."""
         end = self.pos + k.shape[2]
         self.k[layer, :, :, self.pos : end] = k

@@ -47,9 +47,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         learned = config.position == "learned"
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
-        self.rope = (
-            None if learned else RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
-        )
+        self.rope = None if learned else RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
         self.emb_dropout = nn.Dropout(config.resid_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
@@ -113,18 +111,14 @@ class Transformer(nn.Module):
 
     def _check_length(self, end: int, cache: KVCache | None) -> None:
         if end > self.config.max_seq_len:
-            raise ConfigError(
-                f"sequence of {end} tokens exceeds the model's max_seq_len={self.config.max_seq_len}"
-            )
+            raise ConfigError(f"sequence of {end} tokens exceeds the model's max_seq_len={self.config.max_seq_len}")
         if cache is not None and end > cache.max_len:
             raise ConfigError(f"sequence of {end} tokens exceeds the KV cache length {cache.max_len}")
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A KV cache on this model's device and dtype, for up to max_len (default max_seq_len) tokens."""
         param = self.tok_emb.weight
-        return KVCache(
-            self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device
-        )
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device)
 
     @torch.no_grad()
     def generate(

@@ -59,14 +59,24 @@ class TrainConfig:
     loggers: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "checkpoint_interval",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be positive, got {self.lr}")
         if not 0 <= self.warmup_steps < self.max_steps:
-            raise ConfigError(f"train.warmup_steps: must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}")
+            raise ConfigError(
+                f"train.warmup_steps: must be in [0, max_steps={self.max_steps}), got {self.warmup_steps}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -84,7 +84,8 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         scalars = {
-            k: float(v) for k, v in record.items()
+            k: float(v)
+            for k, v in record.items()
             if isinstance(v, numbers.Number) and not isinstance(v, bool) and k != "step"
         }
         for backend in self.backends:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from mistura.checkpoint import (
     STEP_PREFIX,
-    atomic_directory,
+    checkpoint_directory,
     complete_weights,
     latest_checkpoint,
     read_weights,
@@ -54,9 +54,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on request, or by default on CUDA devices that support it; else fp32."""
-    if precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    ):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return None
 
@@ -125,7 +123,9 @@ class Trainer:
         model = self.eval_model
         was_training = model.training
         model.eval()
-        loader = BatchLoader(self.val_tokens, self.cfg.batch_size, self.run.model.max_seq_len, self.cfg.seed + 1, self.device)
+        loader = BatchLoader(
+            self.val_tokens, self.cfg.batch_size, self.run.model.max_seq_len, self.cfg.seed + 1, self.device
+        )
         losses = [self.loss(model, *loader.next_batch(), 0.0).item() for _ in range(self.cfg.eval_batches)]
         model.train(was_training)
         return sum(losses) / len(losses)
@@ -133,7 +133,7 @@ class Trainer:
     def save(self) -> Path:
         """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
-        with atomic_directory(final) as tmp:
+        with checkpoint_directory(final) as tmp:
             write_model(tmp, self.eval_model, self.data_dir / "tokenizer.json")
             extra = {f"raw.{k}": v for k, v in weights_of(self.model).items()} if self.ema else {}
             if self.ema is not None:
@@ -163,7 +163,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.load_state_dict(weights)
             self.ema.n_averaged.copy_(tensors["ema.n_averaged"])
-            raw = {k[len("raw."):]: v for k, v in tensors.items() if k.startswith("raw.")}
+            raw = {k[len("raw.") :]: v for k, v in tensors.items() if k.startswith("raw.")}
             weights = complete_weights(raw, self.model, f"{directory} (raw weights)")
         self.model.load_state_dict(weights)
         train_state.restore_optimizer(self.optimizer, meta, tensors)
@@ -196,17 +196,29 @@ class Trainer:
                     now = time.perf_counter()
                     rate = window_steps * tokens_per_step / (now - window_start)
                     window_start, window_steps = now, 0
-                    metrics.write({
-                        "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, cfg),
-                        "grad_norm": grad_norm, "tokens_per_s": rate, "tokens": self.step * tokens_per_step,
-                        "elapsed_s": now - start,
-                    })
+                    metrics.write(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": lr_at(self.step - 1, cfg),
+                            "grad_norm": grad_norm,
+                            "tokens_per_s": rate,
+                            "tokens": self.step * tokens_per_step,
+                            "elapsed_s": now - start,
+                        }
+                    )
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                 if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
                     val = self.evaluate()
                     best = min(best, val)
-                    metrics.write({"step": self.step, "val_loss": val, "val_ppl": math.exp(val),
-                                   "tokens": self.step * tokens_per_step})
+                    metrics.write(
+                        {
+                            "step": self.step,
+                            "val_loss": val,
+                            "val_ppl": math.exp(val),
+                            "tokens": self.step * tokens_per_step,
+                        }
+                    )
                     bar.write(f"step {self.step}: val loss {val:.4f}, perplexity {math.exp(val):.1f}")
                 if self.step % cfg.checkpoint_interval == 0 or self.step == cfg.max_steps:
                     self.save()
@@ -220,8 +232,12 @@ class Trainer:
             metrics.close()
         val = self.evaluate()
         return {
-            "steps": self.step, "val_loss": val, "val_ppl": math.exp(val), "best_val_loss": min(best, val),
-            "unigram_loss": self.meta.get("unigram_loss"), "wall_s": time.perf_counter() - start,
+            "steps": self.step,
+            "val_loss": val,
+            "val_ppl": math.exp(val),
+            "best_val_loss": min(best, val),
+            "unigram_loss": self.meta.get("unigram_loss"),
+            "wall_s": time.perf_counter() - start,
             "checkpoint": str(latest_checkpoint(self.out_dir)),
         }
 
@@ -231,7 +247,9 @@ def prepared_data(data: DataConfig, log=print) -> dict[str, Any]:
     directory = Path(data.dir)
     if not (directory / "meta.json").exists():
         log(f"preparing {data.source} into {directory} (once)")
-        prepare(data.source, directory, vocab_size=data.vocab_size, val_fraction=data.val_fraction, seed=data.seed, log=log)
+        prepare(
+            data.source, directory, vocab_size=data.vocab_size, val_fraction=data.val_fraction, seed=data.seed, log=log
+        )
     meta = load_meta(directory)
     if meta["requested_vocab_size"] != data.vocab_size:
         raise ConfigError(

@@ -129,7 +129,9 @@ def test_sampling_is_seeded_and_validated(tiny):
     prompt = ids(config, B=1, T=3)
 
     def run(seed):
-        return model.generate(prompt, 8, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(seed))
+        return model.generate(
+            prompt, 8, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert torch.equal(run(1), run(1))
     with pytest.raises(ValueError, match="top_p"):

@@ -121,7 +121,9 @@ def test_gradient_accumulation_and_label_smoothing_run(run_dict):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    config = RunConfig.from_dict({"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}}).train
+    config = RunConfig.from_dict(
+        {"train": {"lr": 1.0, "warmup_steps": 10, "max_steps": 110, "min_lr_ratio": 0.1}}
+    ).train
     assert lr_at(0, config) == pytest.approx(0.1)
     assert lr_at(9, config) == pytest.approx(1.0)
     assert lr_at(60, config) == pytest.approx(0.55)
