@@ -1,0 +1,267 @@
+"""Parity with Hugging Face through the production importer, on tiny random models.
+
+Each case builds a Hugging Face model from a config (no downloads), perturbs every
+parameter so that norm weights and biases differ from their ones/zeros init (a swapped
+norm or a dropped bias would otherwise go unnoticed), saves it with `save_pretrained`
+and imports the folder with `mistura.convert.hf`. Logits and greedy continuations must
+then match Hugging Face's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from mistura.convert.hf import (  # noqa: E402
+    config_from_hf,
+    from_hf,
+    load_hf_folder,
+    state_dict_from_hf,
+)
+from mistura.errors import CheckpointError, ConfigError  # noqa: E402
+
+VOCAB = 160
+CONTEXT = 64
+# No special tokens: greedy generation must never stop early on an end-of-sequence id.
+NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+CASES = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=CONTEXT, n_embd=48, n_layer=2, n_head=4,
+            **NO_SPECIAL_TOKENS,
+        )
+    ),
+    "llama-gqa-tied": lambda: _llama(tie_word_embeddings=True),
+    "llama-gqa-untied": lambda: _llama(tie_word_embeddings=False),
+    "llama-head-dim-theta": lambda: _llama(
+        tie_word_embeddings=False,
+        head_dim=16,  # != hidden_size / num_attention_heads = 12
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    ),
+    "llama-bias": lambda: _llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+}
+
+
+def _llama(**overrides) -> torch.nn.Module:
+    config = dict(
+        vocab_size=VOCAB, max_position_embeddings=CONTEXT, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        **NO_SPECIAL_TOKENS,
+    )
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides}))
+
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def _save(case: str, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """A Hugging Face model of `case` and the folder it was saved to."""
+    torch.manual_seed(0)
+    hf_model = _perturbed(CASES[case]())
+    folder = tmp_path_factory.mktemp(case)
+    hf_model.save_pretrained(folder)
+    return hf_model, folder
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def saved(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    return _save(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def gpt2_saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """One architecture is enough for the layout and error tests."""
+    return _save("gpt2", tmp_path_factory)
+
+
+def _ids(batch: int, length: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def test_logits_match(saved):
+    hf_model, folder = saved
+    ids = _ids(2, 32)
+    torch.testing.assert_close(from_hf(folder)(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_matches(saved):
+    hf_model, folder = saved
+    prompt = _ids(2, 8)
+    expected = hf_model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False
+    )
+    assert expected.shape == (2, 32)
+    assert torch.equal(from_hf(folder).generate(prompt, 24, temperature=0.0), expected)
+
+
+def test_sharded_folder_loads(tmp_path):
+    hf_model = _perturbed(_llama(tie_word_embeddings=False))
+    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        logits, expected = from_hf(tmp_path)(ids), hf_model(ids).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bare_base_model_with_mask_buffers_loads(gpt2_saved):
+    """Old GPT-2 checkpoints (openai-community/gpt2) hold GPT2Model's names, without the
+    `transformer.` prefix, and the causal-mask buffers `h.{i}.attn.bias`."""
+    _, folder = gpt2_saved
+    config, expected = load_hf_folder(folder)
+    stored = load_file(folder / "model.safetensors")
+    tensors = {name.removeprefix("transformer."): tensor for name, tensor in stored.items()}
+    mask = torch.tril(torch.ones(1, 1, CONTEXT, CONTEXT, dtype=torch.bool))
+    tensors |= {f"h.{i}.attn.bias": mask for i in range(config.n_layer)}
+    state_dict = state_dict_from_hf("gpt2", tensors, config)
+    assert state_dict.keys() == expected.keys()
+    assert all(torch.equal(state_dict[name], expected[name]) for name in expected)
+
+
+LLAMA_DICT = dict(
+    model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64,
+    num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=32,
+)
+GPT2_DICT = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+
+
+def test_config_from_hf_reads_llama_fields():
+    hf = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        rms_norm_eps=3e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 250000.0},
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert (config.vocab_size, config.d_model, config.d_ff, config.n_layer) == (300, 64, 160, 3)
+    assert (config.n_head, config.n_kv_head, config.head_dim) == (8, 2, 16)
+    assert (config.max_seq_len, config.norm_eps, config.rope_theta) == (128, 3e-6, 250000.0)
+    assert config.tie_embeddings and not config.bias
+
+
+def test_config_from_hf_reads_gpt2_fields():
+    hf = transformers.GPT2Config(
+        vocab_size=300, n_positions=128, n_embd=64, n_layer=3, n_head=8, n_inner=100,
+        layer_norm_epsilon=3e-6, tie_word_embeddings=False,
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert (config.vocab_size, config.d_model, config.d_ff, config.n_layer) == (300, 64, 100, 3)
+    assert (config.n_head, config.max_seq_len, config.norm_eps) == (8, 128, 3e-6)
+    assert (config.mlp, config.norm, config.position) == ("gelu_tanh", "layernorm", "learned")
+    assert config.bias and not config.tie_embeddings
+
+
+def test_config_from_hf_reads_pre_v5_rope_theta():
+    hf = dict(LLAMA_DICT, rope_theta=500000.0, rope_scaling=None)
+    assert config_from_hf(hf).rope_theta == 500000.0
+
+
+@pytest.mark.parametrize(
+    "hf_config, culprit",
+    [
+        (dict(model_type="bert"), r"'bert' is not supported; supported: gpt2, llama"),
+        (dict(GPT2_DICT, activation_function="relu"), "activation_function='relu'"),
+        (dict(LLAMA_DICT, hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(LLAMA_DICT, rope_parameters={"rope_type": "llama3", "factor": 8.0}), "'llama3'"),
+        (dict(LLAMA_DICT, rope_scaling={"type": "linear", "factor": 2.0}), "'linear'"),
+        (dict(LLAMA_DICT, attention_bias=True, mlp_bias=False), "mlp_bias=False"),
+        ({k: v for k, v in LLAMA_DICT.items() if k != "hidden_size"}, "missing 'hidden_size'"),
+    ],
+)
+def test_unsupported_config_is_refused(hf_config, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        config_from_hf(hf_config)
+
+
+def test_config_without_hf_counterpart_is_refused():
+    config = dataclasses.replace(config_from_hf(LLAMA_DICT), adaptive_norm=True)
+    with pytest.raises(ConfigError, match=r"llama checkpoints lack: blocks\.0\.attn_norm\.alpha"):
+        state_dict_from_hf("llama", {}, config)
+
+
+def test_stored_copy_of_tied_head_is_skipped(gpt2_saved):
+    """Older tied checkpoints also store `lm_head.weight`; like Hugging Face, use the embedding."""
+    _, folder = gpt2_saved
+    config, expected = load_hf_folder(folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = torch.zeros_like(tensors["transformer.wte.weight"])
+    state_dict = state_dict_from_hf("gpt2", tensors, config)
+    assert torch.equal(state_dict["lm_head.weight"], expected["tok_emb.weight"])
+
+
+@pytest.fixture
+def gpt2_tensors(gpt2_saved):
+    """(config, tensors) of the saved GPT-2 model, as read from its folder."""
+    hf_model, folder = gpt2_saved
+    return config_from_hf(hf_model.config.to_dict()), load_file(folder / "model.safetensors")
+
+
+def test_missing_tensor_is_named(gpt2_tensors):
+    config, tensors = gpt2_tensors
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    with pytest.raises(CheckpointError, match=r"missing transformer\.h\.1\.mlp\.c_fc\.bias"):
+        state_dict_from_hf("gpt2", tensors, config)
+
+
+def test_extra_tensor_is_named(gpt2_tensors):
+    config, tensors = gpt2_tensors
+    tensors["transformer.h.2.ln_1.weight"] = torch.ones(config.d_model)  # a third layer
+    with pytest.raises(CheckpointError, match=r"unexpected tensors transformer\.h\.2\.ln_1\.w"):
+        state_dict_from_hf("gpt2", tensors, config)
+
+
+def test_wrong_shape_is_named(gpt2_tensors):
+    config, tensors = gpt2_tensors
+    name = "transformer.h.0.attn.c_attn.weight"
+    tensors[name] = tensors[name].t().contiguous()  # saved as nn.Linear would, not as Conv1D
+    with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_attn\.weight: shape \(144, 48\)"):
+        state_dict_from_hf("gpt2", tensors, config)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001], ids=["truncated-data", "truncated-header"])
+def test_truncated_safetensors_is_named(gpt2_saved, tmp_path, keep):
+    _, folder = gpt2_saved
+    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read safetensors"):
+        load_hf_folder(tmp_path)
+
+
+def test_missing_files_are_named(gpt2_saved, tmp_path):
+    _, folder = gpt2_saved
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        load_hf_folder(tmp_path / "absent")
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
+        load_hf_folder(tmp_path)
+    shutil.copy(folder / "config.json", tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors.*pickled \*\.bin weights"):
+        load_hf_folder(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    _llama(tie_word_embeddings=False).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["lm_head.weight"]
+    (tmp_path / shard).unlink()
+    with pytest.raises(CheckpointError, match=re.escape(shard)):
+        load_hf_folder(tmp_path)
