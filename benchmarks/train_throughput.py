@@ -152,10 +152,7 @@ def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     for name, steps in times.items():
         low, median, high = (1e3 * t for t in (min(steps), statistics.median(steps), max(steps)))
-        print(
-            f"{name:8s} {median:8.1f} ms/step (min {low:.1f}, max {high:.1f}) "
-            f"{rate[name]:10.0f} tokens/s"
-        )
+        print(f"{name:8s} {median:8.1f} ms/step (min {low:.1f}, max {high:.1f}) {rate[name]:10.0f} tokens/s")
     print(f"mistura/hf throughput ratio: {rate['mistura'] / rate['hf']:.3f}")
     print(f"peak RSS of the process (both models): {peak_mib:.0f} MiB")
     step = "fwd+bwd" + ("+AdamW" if args.adamw else "") + (", compiled" if args.compile else "")

@@ -141,9 +141,7 @@ def _check_covered(model_type: str, shapes: Shapes, required: dict[str, Rule]) -
     covered = {target for rule in required.values() for target in rule.targets}
     uncovered = [name for name in shapes if name not in covered]
     if uncovered:
-        raise ConfigError(
-            f"the config has parameters that {model_type} checkpoints lack: {_some(uncovered)}"
-        )
+        raise ConfigError(f"the config has parameters that {model_type} checkpoints lack: {_some(uncovered)}")
 
 
 def _with_prefix(tensors: Tensors, prefix: str) -> Tensors:
@@ -157,8 +155,7 @@ def _check_names(tensors: Tensors, required: dict[str, Rule], skipped: set[str])
     missing = [name for name in required if name not in tensors]
     if missing:
         raise CheckpointError(
-            f"the checkpoint is missing {_some(missing)} "
-            f"(the source of {', '.join(required[missing[0]].targets)})"
+            f"the checkpoint is missing {_some(missing)} (the source of {', '.join(required[missing[0]].targets)})"
         )
     extra = sorted(name for name in tensors if name not in required and name not in skipped)
     if extra:
@@ -182,8 +179,7 @@ def _split(
         expected = expected[::-1]
     if tuple(tensor.shape) != expected:
         raise CheckpointError(
-            f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, expected {expected} "
-            f"for {', '.join(targets)}"
+            f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, expected {expected} for {', '.join(targets)}"
         )
     if transposed:
         tensor = tensor.t()

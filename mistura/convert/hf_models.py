@@ -206,7 +206,6 @@ def find_model_type(name: Any) -> HFModelType:
     """The entry of MODEL_TYPES for `name`, or a ConfigError listing the supported ones."""
     if name not in MODEL_TYPES:
         raise ConfigError(
-            f"Hugging Face model_type {name!r} is not supported; "
-            f"supported: {', '.join(sorted(MODEL_TYPES))}"
+            f"Hugging Face model_type {name!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}"
         )
     return MODEL_TYPES[name]

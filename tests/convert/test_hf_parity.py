@@ -37,7 +37,11 @@ NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None
 CASES = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
-            vocab_size=VOCAB, n_positions=CONTEXT, n_embd=48, n_layer=2, n_head=4,
+            vocab_size=VOCAB,
+            n_positions=CONTEXT,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
             **NO_SPECIAL_TOKENS,
         )
     ),
@@ -54,8 +58,14 @@ CASES = {
 
 def _llama(**overrides) -> torch.nn.Module:
     config = dict(
-        vocab_size=VOCAB, max_position_embeddings=CONTEXT, hidden_size=48, intermediate_size=96,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        vocab_size=VOCAB,
+        max_position_embeddings=CONTEXT,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
         **NO_SPECIAL_TOKENS,
     )
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides}))
@@ -103,9 +113,7 @@ def test_logits_match(saved):
 def test_greedy_generation_matches(saved):
     hf_model, folder = saved
     prompt = _ids(2, 8)
-    expected = hf_model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False
-    )
+    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
     assert expected.shape == (2, 32)
     assert torch.equal(from_hf(folder).generate(prompt, 24, temperature=0.0), expected)
 
@@ -136,17 +144,29 @@ def test_bare_base_model_with_mask_buffers_loads(gpt2_saved):
 
 
 LLAMA_DICT = dict(
-    model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64,
-    num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=32,
+    model_type="llama",
+    vocab_size=100,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    max_position_embeddings=32,
 )
 GPT2_DICT = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32)
 
 
 def test_config_from_hf_reads_llama_fields():
     hf = transformers.LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rms_norm_eps=3e-6, tie_word_embeddings=True,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=3e-6,
+        tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 250000.0},
     ).to_dict()
     config = config_from_hf(hf)
@@ -158,8 +178,14 @@ def test_config_from_hf_reads_llama_fields():
 
 def test_config_from_hf_reads_gpt2_fields():
     hf = transformers.GPT2Config(
-        vocab_size=300, n_positions=128, n_embd=64, n_layer=3, n_head=8, n_inner=100,
-        layer_norm_epsilon=3e-6, tie_word_embeddings=False,
+        vocab_size=300,
+        n_positions=128,
+        n_embd=64,
+        n_layer=3,
+        n_head=8,
+        n_inner=100,
+        layer_norm_epsilon=3e-6,
+        tie_word_embeddings=False,
     ).to_dict()
     config = config_from_hf(hf)
     assert (config.vocab_size, config.d_model, config.d_ff, config.n_layer) == (300, 64, 100, 3)
