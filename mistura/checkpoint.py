@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from mistura.atomic import atomic_directory
 from mistura.config import ModelConfig
+from mistura.convert.hf import from_hf
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
 
@@ -123,8 +124,10 @@ def resolve(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Load a checkpoint (or a run's latest) as a ready model in eval mode."""
+    """Load a checkpoint, a run's latest checkpoint or a Hugging Face folder as a ready model in eval mode."""
     directory = resolve(path)
+    if is_hugging_face(directory):
+        return from_hf(directory).to(device=device, dtype=dtype)
     verify(directory)
     try:
         config = ModelConfig.from_json(directory / "config.json")
@@ -133,6 +136,16 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     model = Transformer(config)
     model.load_state_dict(read_weights(directory / "model.safetensors", model))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def is_hugging_face(directory: Path) -> bool:
+    """A Hugging Face folder: its config.json names a `model_type` and it has no mistura manifest."""
+    if (directory / MANIFEST).exists():
+        return False
+    try:
+        return "model_type" in json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:

@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mistura
+
 transformers = pytest.importorskip("transformers")
 
 from mistura.convert.hf import (  # noqa: E402
@@ -105,9 +107,12 @@ def _ids(batch: int, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def test_logits_match(saved):
+    """Through the public API: mistura.load recognises a Hugging Face folder and imports it."""
     hf_model, folder = saved
     ids = _ids(2, 32)
-    torch.testing.assert_close(from_hf(folder)(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+    model = mistura.load(folder)
+    assert not model.training
+    torch.testing.assert_close(model(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_generation_matches(saved):
