@@ -26,10 +26,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
 from mistura.atomic import atomic_directory
 from mistura.config import ModelConfig
 from mistura.convert.hf import from_hf
+from mistura.data.tokenizer import load_tokenizer as read_tokenizer
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
 
@@ -136,6 +138,11 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     model = Transformer(config)
     model.load_state_dict(read_weights(directory / "model.safetensors", model))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer saved with a checkpoint (or a run's latest checkpoint)."""
+    return read_tokenizer(resolve(path) / "tokenizer.json")
 
 
 def is_hugging_face(directory: Path) -> bool:

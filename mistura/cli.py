@@ -25,7 +25,6 @@ def cmd_gutenberg(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     import mistura
-    from mistura.data.tokenizer import load_tokenizer
     from mistura.fields import parse_overrides
     from mistura.infer.generate import generate_text
     from mistura.train.config import RunConfig
@@ -39,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         f"(perplexity {summary['val_ppl']:.1f}; unigram baseline {unigram:.3f}) | checkpoint {summary['checkpoint']}"
     )
     model = mistura.load(summary["checkpoint"])
-    tokenizer = load_tokenizer(Path(summary["checkpoint"]) / "tokenizer.json")
+    tokenizer = mistura.load_tokenizer(summary["checkpoint"])
     print("\nsamples:")
     for prompt in run.sample.prompts:
         print(f"  {prompt}{generate_text(model, tokenizer, prompt, run.sample)}\n")
@@ -47,8 +46,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import mistura
-    from mistura.checkpoint import resolve
-    from mistura.data.tokenizer import load_tokenizer
     from mistura.errors import ConfigError
     from mistura.infer.generate import generate_file, generate_text
     from mistura.infer.sampling import Sampling
@@ -56,9 +53,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.input_file is None):
         raise ConfigError("give either --prompt or --input-file")
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    directory = resolve(args.checkpoint)
-    model = mistura.load(directory)
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    model = mistura.load(args.checkpoint)
+    tokenizer = mistura.load_tokenizer(args.checkpoint)
     if args.input_file is not None:
         output = args.output or str(Path(args.input_file).with_suffix(".jsonl"))
         count = generate_file(model, tokenizer, args.input_file, output, sampling)

@@ -5,7 +5,7 @@ import torch
 
 import mistura
 from mistura.checkpoint import checkpoint_directory, save_model
-from mistura.errors import CheckpointError
+from mistura.errors import CheckpointError, DataError
 from mistura.model import Transformer
 
 
@@ -81,3 +81,18 @@ def test_checkpoint_directory_replaces_an_existing_one(tmp_path):
             (tmp / "f.bin").write_bytes(content)
     assert (tmp_path / "ckpt" / "f.bin").read_bytes() == b"new"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path, tiny):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    tokenizer_file = tmp_path / "tokenizer.json"
+    Tokenizer(WordLevel({"<|pad|>": 0, "<|bos|>": 1, "<|eos|>": 2, "oi": 3}, unk_token="<|pad|>")).save(
+        str(tokenizer_file)
+    )
+    directory = save_model(tmp_path / "ckpt", Transformer(tiny("llama-tiny")), tokenizer_file)
+    assert mistura.load_tokenizer(directory).token_to_id("oi") == 3
+    (directory / "tokenizer.json").unlink()
+    with pytest.raises(DataError, match="tokenizer"):
+        mistura.load_tokenizer(directory)
