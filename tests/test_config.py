@@ -58,6 +58,10 @@ def test_run_config_sections_overrides_and_errors(tmp_path):
     path.write_text("model: {preset: llama-tiny}\ntrain: {lr: 3e-3, max_steps: 10, warmup_steps: 2}\n")
     run = RunConfig.from_yaml(path, parse_overrides(["model.n_layer=2", "train.betas=[0.9, 0.99]"]))
     assert (run.model.n_layer, run.train.lr, run.train.betas) == (2, 0.003, (0.9, 0.99))
+    assert run.model.vocab_size == run.data.vocab_size == 8192
+    assert RunConfig.from_dict({"data": {"vocab_size": 512}}).model.vocab_size == 512
+    with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) differs from data.vocab_size"):
+        RunConfig.from_dict({"model": {"vocab_size": 100}})
     with pytest.raises(ConfigError, match="unknown section"):
         RunConfig.from_dict({"optim": {}})
     with pytest.raises(ConfigError, match="train.warmup_steps"):

@@ -106,9 +106,16 @@ class RunConfig:
         unknown = set(data) - {"model", "data", "train", "sample"}
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train, sample")
+        data_config = from_dict(DataConfig, data.get("data") or {}, "data")
+        model = dict(data.get("model") or {})
+        if model.setdefault("vocab_size", data_config.vocab_size) != data_config.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size ({model['vocab_size']}) differs from data.vocab_size ({data_config.vocab_size}): "
+                "the model's vocabulary is the tokenizer's, so set data.vocab_size only"
+            )
         return cls(
-            model=ModelConfig.from_dict(data.get("model") or {}),
-            data=from_dict(DataConfig, data.get("data") or {}, "data"),
+            model=ModelConfig.from_dict(model),
+            data=data_config,
             train=from_dict(TrainConfig, data.get("train") or {}, "train"),
             sample=from_dict(SampleConfig, data.get("sample") or {}, "sample"),
         )
