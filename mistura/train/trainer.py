@@ -61,13 +61,16 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class Trainer:
     def __init__(self, run: RunConfig, log=print):
-        self.run, self.cfg, self.log = run, run.train, log
+        self.cfg, self.log = run.train, log
         self.out_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
         self.meta = prepared_data(run.data, log)
         self.data_dir = Path(run.data.dir)
-        run.model = dataclasses.replace(run.model, vocab_size=self.meta["vocab_size"])
+        # A small corpus can give a tokenizer smaller than asked for: the model follows the tokenizer.
+        self.run = run = dataclasses.replace(
+            run, model=dataclasses.replace(run.model, vocab_size=self.meta["vocab_size"])
+        )
 
         torch.manual_seed(self.cfg.seed)
         self.model = Transformer(run.model).to(self.device)
@@ -135,8 +138,9 @@ class Trainer:
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
         with checkpoint_directory(final) as tmp:
             write_model(tmp, self.eval_model, self.data_dir / "tokenizer.json")
-            extra = {f"raw.{k}": v for k, v in weights_of(self.model).items()} if self.ema else {}
-            if self.ema is not None:
+            extra = {}
+            if self.ema is not None:  # model.safetensors holds the average; keep the raw weights to resume
+                extra = {f"raw.{k}": v for k, v in weights_of(self.model).items()}
                 extra["ema.n_averaged"] = self.ema.n_averaged
             train_state.save_state(
                 tmp,
