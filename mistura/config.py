@@ -18,7 +18,62 @@ from typing import Any, Literal
 from mistura.errors import ConfigError
 from mistura.fields import from_dict
 
-LayerKind = Literal["dense"]
+LayerKind = Literal["dense", "moe", "moc"]
+
+
+@dataclass
+class MoEConfig:
+    """A Mixture-of-Experts MLP: a router sends each token to top_k of n_experts SwiGLU experts.
+
+    One dataclass covers the family (the presets show each):
+    - Switch/Qwen top-k: softmax scoring, optional renormalisation of the top-k weights,
+      a capacity factor (None: dropless), the Switch balance loss and a router z-loss.
+    - DeepSeekMoE: fine-grained experts plus always-on shared experts, softmax or sigmoid
+      scoring, group-limited routing, a route scale, auxiliary-loss-free balancing by a
+      per-expert selection bias, and a sequence-wise balance loss.
+    - Collaborative experts (layer kind "moc", seed 003) use n_experts, top_k, d_expert,
+      moc_heads and the balance/diversity weights.
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_expert: int = 512  # hidden width of each routed expert
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk: bool = False  # renormalise the selected weights to sum to one
+    route_scale: float = 1.0  # multiplies the routed output (DeepSeek's routed_scaling_factor)
+    capacity_factor: float | None = None  # training only; None: dropless
+    n_groups: int = 1  # group-limited routing: experts split into n_groups ...
+    topk_groups: int = 1  # ... and only the best topk_groups groups are eligible
+    d_shared: int = 0  # hidden width of the always-on shared expert(s); 0: none
+    shared_gate: bool = False  # Qwen2-MoE's sigmoid gate on the shared expert
+    balance_bias_rate: float = 0.0  # aux-loss-free balancing: bias step after each optimizer step; 0: off
+    aux_loss_weight: float = 0.0  # Switch balance loss: n_experts * sum_i f_i * P_i
+    seq_aux_loss_weight: float = 0.0  # DeepSeek-V3 sequence-wise balance loss
+    z_loss_weight: float = 0.0  # router z-loss: mean(logsumexp(logits)^2)
+    entropy_weight: float = 0.0  # entropy regulariser: log(E) - H(mean routing distribution)
+    moc_heads: int = 4  # collaborative experts: heads of the router self-attention and the fusion
+    diversity_loss_weight: float = 0.0  # collaborative experts: 1 - entropy of fusion attention / log(k)
+
+    def __post_init__(self) -> None:
+        for name in ("n_experts", "top_k", "d_expert", "n_groups", "topk_groups", "moc_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.moe.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.n_experts:
+            raise ConfigError(f"model.moe.top_k: {self.top_k} exceeds n_experts={self.n_experts}")
+        if self.n_experts % self.n_groups:
+            raise ConfigError(f"model.moe.n_groups: {self.n_groups} groups do not divide n_experts={self.n_experts}")
+        if self.topk_groups > self.n_groups:
+            raise ConfigError(f"model.moe.topk_groups: {self.topk_groups} exceeds n_groups={self.n_groups}")
+        if self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
+            raise ConfigError("model.moe.top_k: more experts than the eligible groups hold")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError(f"model.moe.capacity_factor: must be positive, got {self.capacity_factor}")
+        if self.shared_gate and not self.d_shared:
+            raise ConfigError("model.moe.shared_gate: needs a shared expert (d_shared > 0)")
+        for name in ("balance_bias_rate", "aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight",
+                     "entropy_weight", "diversity_loss_weight", "d_shared"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.moe.{name}: must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -53,7 +108,11 @@ class ModelConfig:
     mlp_dropout: float = 0.0  # on each MLP branch output
     init_std: float = 0.02
     scaled_init: bool = True  # residual output projections get init_std / sqrt(2 * n_layer)
-    layer_mlp: tuple[LayerKind, ...] | None = None  # MLP kind per layer; None: all "dense"
+    layer_mlp: tuple[LayerKind, ...] | None = None  # MLP kind per layer; None: all "dense" (or all moe)
+    moe: MoEConfig | None = None  # the experts of "moe"/"moc" layers
+    first_dense_layers: int = 0  # with moe set and layer_mlp None: this many dense layers first (DeepSeek)
+    qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: same as bias
+    qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
 
     def __post_init__(self) -> None:
         self._check_positive("vocab_size", "max_seq_len", "n_layer", "d_model", "n_head", "init_std")
@@ -68,8 +127,13 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model if self.mlp != "swiglu" else _swiglu_width(self.d_model)
+        if self.qkv_bias is None:
+            self.qkv_bias = self.bias
         if self.layer_mlp is None:
-            self.layer_mlp = ("dense",) * self.n_layer
+            sparse = "moe" if self.moe is not None else "dense"
+            self.layer_mlp = ("dense",) * min(self.first_dense_layers, self.n_layer) + (sparse,) * max(
+                0, self.n_layer - self.first_dense_layers
+            )
         self._check_positive("n_kv_head", "head_dim", "d_ff")
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"model.n_kv_head: {self.n_kv_head} key/value heads do not divide n_head={self.n_head}")
@@ -77,6 +141,8 @@ class ModelConfig:
             raise ConfigError(f"model.head_dim: RoPE needs an even head width, got {self.head_dim}")
         if len(self.layer_mlp) != self.n_layer:
             raise ConfigError(f"model.layer_mlp: has {len(self.layer_mlp)} entries but n_layer={self.n_layer}")
+        if self.moe is None and any(kind != "dense" for kind in self.layer_mlp):
+            raise ConfigError("model.layer_mlp: 'moe'/'moc' layers need a model.moe section")
         if self.adaptive_norm and self.norm != "rmsnorm":
             raise ConfigError("model.adaptive_norm: only RMSNorm has an adaptive variant")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
@@ -118,6 +184,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layer_mlp"] = list(self.layer_mlp)
+        if self.moe is None:
+            del data["moe"]
         return data
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
@@ -153,4 +221,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Llama-style (seed 002): RoPE, RMSNorm, GQA, SwiGLU, no biases; ~4M parameters.
     "llama-tiny": dict(n_layer=4, d_model=256, n_head=8, n_kv_head=4, d_ff=704, tie_embeddings=True),
+}
+
+# Seed 004's Qwen-style MoE runs: the baseline's shape with every MLP replaced by top-k SwiGLU
+# experts, a capacity factor and the Switch balance loss (weight 0.01). Expert widths keep the
+# active parameters near the baseline's: top-1 experts as wide as its MLP (768), top-2 half as wide.
+_SEED004 = PRESETS["seed004-baseline"]
+PRESETS |= {
+    "qwen-moe-4e-top1": dict(
+        _SEED004, moe=dict(n_experts=4, top_k=1, d_expert=768, capacity_factor=1.0, aux_loss_weight=0.01)
+    ),
+    "qwen-moe-8e-top2": dict(
+        _SEED004, moe=dict(n_experts=8, top_k=2, d_expert=384, capacity_factor=1.25, aux_loss_weight=0.01)
+    ),
+    "qwen-moe-6e-top1": dict(
+        _SEED004, moe=dict(n_experts=6, top_k=1, d_expert=768, capacity_factor=1.1, aux_loss_weight=0.01)
+    ),
+    # DeepSeekMoE (seed 000) at CPU scale, Llama-style: a dense first layer, then 16 fine-grained
+    # experts (3 active) in 4 groups (2 eligible per token), one shared expert, sigmoid scores,
+    # auxiliary-loss-free balancing and a small sequence-wise balance loss.
+    "deepseek-moe-tiny": dict(
+        n_layer=6,
+        d_model=256,
+        n_head=8,
+        n_kv_head=4,
+        d_ff=768,
+        tie_embeddings=True,
+        first_dense_layers=1,
+        moe=dict(
+            n_experts=16,
+            top_k=3,
+            d_expert=192,
+            d_shared=192,
+            scoring="sigmoid",
+            norm_topk=True,
+            n_groups=4,
+            topk_groups=2,
+            balance_bias_rate=0.01,
+            seq_aux_loss_weight=1e-4,
+        ),
+    ),  # fmt: skip
 }

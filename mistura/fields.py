@@ -66,6 +66,8 @@ def convert(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(annotation):
+        return value if isinstance(value, annotation) else from_dict(annotation, value, where)
     if annotation is Any:
         return value
     if annotation is float and not isinstance(value, bool) and isinstance(value, (int, str)):

@@ -14,6 +14,7 @@ from torch import nn
 
 from mistura.config import ModelConfig
 from mistura.model.cache import KVCache
+from mistura.model.norm import RMSNorm
 from mistura.model.rope import apply_rope
 
 
@@ -23,10 +24,13 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.attn_dropout
-        self.q_proj = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.bias)
+        self.q_proj = nn.Linear(config.d_model, self.n_head * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
+        # Qwen3 normalises each query and key head, which keeps attention logits bounded.
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -35,8 +39,8 @@ class Attention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

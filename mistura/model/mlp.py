@@ -26,24 +26,19 @@ class GeluMLP(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)): a gated MLP with a SiLU gate."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, dropout: float = 0.0):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
-        self.dropout = nn.Dropout(config.mlp_dropout)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 def dense_mlp(config: ModelConfig) -> nn.Module:
-    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
-
-
-LAYER_MLPS = {"dense": dense_mlp}
-
-
-def build_mlp(config: ModelConfig, layer: int) -> nn.Module:
-    """The MLP of `layer`, of the kind `config.layer_mlp[layer]` names."""
-    return LAYER_MLPS[config.layer_mlp[layer]](config)
+    """The dense MLP of a layer, of the kind config.mlp names."""
+    if config.mlp == "swiglu":
+        return SwiGLU(config.d_model, config.d_ff, config.bias, config.mlp_dropout)
+    return GeluMLP(config)

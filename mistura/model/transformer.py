@@ -21,9 +21,13 @@ from mistura.errors import ConfigError
 from mistura.infer.sampling import check_sampling, sample_next
 from mistura.model.attention import Attention
 from mistura.model.cache import KVCache
-from mistura.model.mlp import build_mlp
+from mistura.model.mlp import dense_mlp
+from mistura.model.moe import GroupedExperts, MoEAux, MoELayer, Router
 from mistura.model.norm import RMSNorm, build_norm
 from mistura.model.rope import RotaryEmbedding
+
+# The MLP of each layer, by the kind config.layer_mlp names; expert layers also return a MoEAux.
+LAYER_MLPS = {"dense": dense_mlp, "moe": MoELayer}
 
 
 class Block(nn.Module):
@@ -32,12 +36,16 @@ class Block(nn.Module):
         self.attn_norm = build_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = build_norm(config)
-        self.mlp = build_mlp(config, layer)
+        self.routed = config.layer_mlp[layer] != "dense"
+        self.mlp = LAYER_MLPS[config.layer_mlp[layer]](config)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x, rope, cache):
+    def forward(self, x, rope, cache) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache))
-        return x + self.mlp(self.mlp_norm(x))
+        if self.routed:
+            y, aux = self.mlp(self.mlp_norm(x))
+            return x + y, aux
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 class Transformer(nn.Module):
@@ -68,7 +76,8 @@ class Transformer(nn.Module):
         |                                      | when scaled_init (GPT-2's residual     |
         |                                      | scaling: the stream's variance stays   |
         |                                      | flat with depth)                       |
-        | biases                               | zero                                   |
+        | routed experts (stacked weights)     | as linear weights; down_proj residual  |
+        | biases, router selection bias        | zero                                   |
         | norm weights and alpha               | one                                    |
         """
         std = self.config.init_std
@@ -79,11 +88,20 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                module.reset_parameters(std, residual_std)
+            elif isinstance(module, Router):
+                module.expert_bias.zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached tokens."""
+    def forward(
+        self, idx: torch.Tensor, cache: KVCache | None = None, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[MoEAux]]:
+        """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached tokens.
+
+        With return_aux, also the MoEAux of every expert layer (auxiliary losses, load, statistics).
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         self._check_length(start + T, cache)
@@ -92,22 +110,42 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         x = self.emb_dropout(x)
         rope = self.rope(start, T) if self.rope is not None else None
+        auxes = []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, cache, use_reentrant=False)
+                x, aux = checkpoint(block, x, rope, cache, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x, aux = block(x, rope, cache)
+            if aux is not None:
+                auxes.append(aux)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         cap = self.config.logit_softcap
-        return logits if cap is None else cap * torch.tanh(logits / cap)
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return (logits, auxes) if return_aux else logits
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, those each token uses (all of them in a dense model), and the embeddings'."""
+        """Total parameters, those each token uses, and the embeddings'.
+
+        A token uses every parameter except the routed experts it is not sent to: in a
+        MoE layer only top_k of the n_experts experts' weights are active.
+        """
         total = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
         embedding = sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb) if m is not None)
-        return {"total": total, "active": total, "embedding": embedding}
+        inactive = 0
+        for module in self.modules():
+            if isinstance(module, MoELayer):
+                per_expert = sum(p[0].numel() for p in module.experts.parameters())
+                inactive += (module.config.n_experts - module.config.top_k) * per_expert
+        return {"total": total, "active": total - inactive, "embedding": embedding}
+
+    def balance_step(self) -> None:
+        """After an optimizer step: move each router's selection bias toward equal expert load."""
+        for module in self.modules():
+            if isinstance(module, Router):
+                module.balance_step()
 
     def _check_length(self, end: int, cache: KVCache | None) -> None:
         if end > self.config.max_seq_len:

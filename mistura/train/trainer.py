@@ -39,6 +39,7 @@ from mistura.model import Transformer
 from mistura.train import state as train_state
 from mistura.train.config import DataConfig, RunConfig
 from mistura.train.loggers import MetricsLog
+from mistura.train.moe_metrics import MoEMonitor
 from mistura.train.optim import build_optimizer, lr_at, set_lr
 
 
@@ -85,6 +86,8 @@ class Trainer:
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])
         self.loader = BatchLoader(tokens, self.cfg.batch_size, run.model.max_seq_len, self.cfg.seed, self.device)
         self.val_tokens = open_tokens(self.data_dir / "val.bin", self.meta["dtype"])
+        moe_layers = [i for i, kind in enumerate(run.model.layer_mlp) if kind != "dense"]
+        self.moe_monitor = MoEMonitor(moe_layers)
         self.step = 0
 
     @property
@@ -92,46 +95,57 @@ class Trainer:
         """The weights evaluation and checkpoints use: the EMA average when enabled."""
         return self.ema.module if self.ema is not None else self.model
 
-    def loss(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+    def loss(self, model: torch.nn.Module, x, y, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The language-model loss (cross-entropy) and the experts' auxiliary loss (0 in a dense model)."""
         with self._autocast():
-            logits = model(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), label_smoothing=smoothing)
+            logits, auxes = model(x, return_aux=True)  # (B, T, V)
+        main = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), label_smoothing=smoothing)
+        self.moe_monitor.update(auxes)
+        return main, sum((aux.loss for aux in auxes), torch.zeros((), device=main.device))
 
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns the mean micro-batch loss and the gradient norm before clipping."""
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns the mean main and auxiliary losses and the gradient norm before clipping."""
         set_lr(self.optimizer, lr_at(self.step, self.cfg))
-        total = 0.0
+        main_total = aux_total = 0.0
         for _ in range(self.cfg.grad_accum):
             x, y = self.loader.next_batch()
-            loss = self.loss(self.forward, x, y, self.cfg.label_smoothing)
-            (loss / self.cfg.grad_accum).backward()
-            total += loss.item()
+            main, aux = self.loss(self.forward, x, y, self.cfg.label_smoothing)
+            ((main + aux) / self.cfg.grad_accum).backward()
+            main_total, aux_total = main_total + main.item(), aux_total + aux.item()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.balance_step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         self.step += 1
-        return total / self.cfg.grad_accum, float(grad_norm)
+        return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, float(grad_norm)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation cross-entropy over a fixed set of eval_batches batches."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (main loss only) and perplexity over a fixed set of eval_batches batches,
+        with the expert-usage metrics of those batches."""
         model = self.eval_model
         was_training = model.training
         model.eval()
+        train_window = self.moe_monitor
+        self.moe_monitor = MoEMonitor(train_window.layers)
         loader = BatchLoader(
             self.val_tokens, self.cfg.batch_size, self.run.model.max_seq_len, self.cfg.seed + 1, self.device
         )
-        losses = [self.loss(model, *loader.next_batch(), 0.0).item() for _ in range(self.cfg.eval_batches)]
+        losses = [self.loss(model, *loader.next_batch(), 0.0)[0].item() for _ in range(self.cfg.eval_batches)]
         model.train(was_training)
-        return sum(losses) / len(losses)
+        val_loss = sum(losses) / len(losses)
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+        metrics.update({f"val_{k}": v for k, v in self.moe_monitor.summary().items()})
+        self.moe_monitor = train_window
+        return metrics
 
     def save(self) -> Path:
         """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints."""
@@ -187,44 +201,30 @@ class Trainer:
                 f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
             )
         self.log(describe(self))
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.max_seq_len
-        best = math.inf
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.max_seq_len
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, desc=self.out_dir.name, unit="step")
         self.model.train()
-        start, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+        start = window_start = time.perf_counter()
+        window_steps, best = 0, math.inf
         try:
             while self.step < cfg.max_steps:
-                loss, grad_norm = self.train_step()
+                main, aux, grad_norm = self.train_step()
                 window_steps += 1
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                last = self.step == cfg.max_steps
+                if self.step % cfg.log_interval == 0 or last:
                     now = time.perf_counter()
-                    rate = window_steps * tokens_per_step / (now - window_start)
+                    rate = window_steps * self.tokens_per_step / (now - window_start)
+                    metrics.write(self._train_record(main, aux, grad_norm, rate, now - start))
+                    bar.set_postfix(loss=f"{main:.3f}", tok_s=f"{rate:,.0f}")
                     window_start, window_steps = now, 0
-                    metrics.write(
-                        {
-                            "step": self.step,
-                            "loss": loss,
-                            "lr": lr_at(self.step - 1, cfg),
-                            "grad_norm": grad_norm,
-                            "tokens_per_s": rate,
-                            "tokens": self.step * tokens_per_step,
-                            "elapsed_s": now - start,
-                        }
+                if self.step % cfg.eval_interval == 0 or last:
+                    record = self._eval_record()
+                    best = min(best, record["val_loss"])
+                    metrics.write(record)
+                    bar.write(
+                        f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}"
                     )
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                    val = self.evaluate()
-                    best = min(best, val)
-                    metrics.write(
-                        {
-                            "step": self.step,
-                            "val_loss": val,
-                            "val_ppl": math.exp(val),
-                            "tokens": self.step * tokens_per_step,
-                        }
-                    )
-                    bar.write(f"step {self.step}: val loss {val:.4f}, perplexity {math.exp(val):.1f}")
-                if self.step % cfg.checkpoint_interval == 0 or self.step == cfg.max_steps:
+                if self.step % cfg.checkpoint_interval == 0 or last:
                     self.save()
                 bar.update(1)
         except KeyboardInterrupt:
@@ -234,16 +234,32 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
-        val = self.evaluate()
+        final = self.evaluate()
         return {
             "steps": self.step,
-            "val_loss": val,
-            "val_ppl": math.exp(val),
-            "best_val_loss": min(best, val),
+            **final,
+            "best_val_loss": min(best, final["val_loss"]),
             "unigram_loss": self.meta.get("unigram_loss"),
             "wall_s": time.perf_counter() - start,
             "checkpoint": str(latest_checkpoint(self.out_dir)),
         }
+
+    def _train_record(self, main: float, aux: float, grad_norm: float, rate: float, elapsed: float) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": main + aux,
+            "loss/main": main,
+            "loss/aux": aux,
+            "lr": lr_at(self.step - 1, self.cfg),
+            "grad_norm": grad_norm,
+            "tokens_per_s": rate,
+            "tokens": self.step * self.tokens_per_step,
+            "elapsed_s": elapsed,
+            **self.moe_monitor.summary(),
+        }
+
+    def _eval_record(self) -> dict[str, Any]:
+        return {"step": self.step, **self.evaluate(), "tokens": self.step * self.tokens_per_step}
 
 
 def prepared_data(data: DataConfig, log=print) -> dict[str, Any]:
