@@ -85,6 +85,7 @@ def cmd_params(args: argparse.Namespace) -> None:
         counts = Transformer(config).parameter_counts()
     rows = [
         ("model", config.name),
+        ("layers", describe_layers(config)),
         ("total parameters", f"{counts['total']:,}"),
         ("active parameters per token", f"{counts['active']:,}"),
         ("  of which embeddings", f"{counts['embedding']:,}"),
@@ -96,6 +97,17 @@ def cmd_params(args: argparse.Namespace) -> None:
         return
     for label, value in rows:
         print(f"{label:<30} {value}")
+
+
+def describe_layers(config) -> str:
+    """E.g. "6: 1 dense, 5 moe (16 experts of width 192, top-3, shared 192)"."""
+    kinds = {kind: config.layer_mlp.count(kind) for kind in dict.fromkeys(config.layer_mlp)}
+    text = f"{config.n_layer}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+    if config.moe is not None:
+        moe = config.moe
+        shared = f", shared {moe.d_shared}" if moe.d_shared else ""
+        text += f" ({moe.n_experts} experts of width {moe.d_expert}, top-{moe.top_k}{shared})"
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
