@@ -6,11 +6,13 @@ A Hugging Face checkpoint folder holds `config.json` and the weights: one
 - `config_from_hf` turns config.json into a `ModelConfig`, with the reader that
   `hf_models.MODEL_TYPES` holds for its `model_type`.
 - `state_dict_from_hf` expands that model type's name table (Hugging Face name ->
-  mistura name, `{i}` standing for the layer index) for every layer. It checks that the
-  checkpoint has exactly the expected tensors, with the expected shapes, then renames
-  each tensor, transposes those stored as (in, out) and splits the fused ones. The
-  expected shapes come from a mistura model built on the meta device, so they cannot
-  drift from the model code.
+  mistura name, `{i}` standing for the layer index and `{e}` for the expert index) for
+  every layer and expert. It checks that the checkpoint has exactly the expected tensors,
+  with the expected shapes, then renames each tensor, transposes those stored as
+  (in, out), splits the fused ones and stacks the experts' tensors. The expected shapes
+  come from a mistura model built on the meta device, so they cannot drift from the
+  model code.
+- `convert_state_dict` does the same for any module and table: one MoE block, say.
 - `load_hf_folder` reads a folder and does both; `from_hf` also builds the model.
 
     >>> model = from_hf("path/to/folder")
@@ -28,9 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from mistura.config import ModelConfig
-from mistura.convert.hf_models import find_model_type
+from mistura.convert.hf_models import Names, find_model_type
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
 
@@ -64,8 +67,11 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     """The `ModelConfig` of a Hugging Face config.json, given as a dict.
 
     An option that mistura cannot reproduce raises ConfigError. Dropout rates are training
-    choices, not part of the weights: they keep mistura's defaults (no dropout). Options
-    missing from the dict take the defaults of the Hugging Face config class.
+    choices, not part of the weights: they keep mistura's defaults (no dropout). So do the
+    MoE auxiliary losses, router jitter and capacity: imported experts route dropless, as
+    Hugging Face's do, and no balance loss is on. (Were it mapped, Hugging Face's
+    router_aux_loss_coef weighs a balance loss top_k times mistura's `balance_loss`.)
+    Options missing from the dict take the defaults of the Hugging Face config class.
     """
     return find_model_type(hf_config.get("model_type")).read_config(hf_config)
 
@@ -73,26 +79,57 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
 def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -> Tensors:
     """Hugging Face `tensors` renamed and reshaped into a state dict of `Transformer(config)`.
 
-    Every parameter must come from exactly one checkpoint tensor of the expected shape,
-    and every checkpoint tensor must be used, otherwise CheckpointError names the tensor.
-    Buffers that hold no weights (GPT-2's causal mask) are skipped. With tied embeddings
-    the head is the embedding: a stored copy of it is skipped, as Hugging Face does.
-    Checkpoints of the bare base model (`GPT2Model`, `LlamaModel`) load too.
+    Checkpoints of the bare base model (`GPT2Model`, `LlamaModel`) load too. The rules are
+    `convert_state_dict`'s.
     """
     hf_type = find_model_type(model_type)
-    shapes, tied = _parameter_shapes(config)
-    rules = _expand(hf_type.names, config.n_layer)
+    with torch.device("meta"):  # allocates nothing and runs no init
+        model = Transformer(config)
+    return convert_state_dict(
+        model,
+        _with_prefix(tensors, hf_type.prefix),
+        hf_type.names,
+        n_layer=config.n_layer,
+        n_experts=config.moe.n_experts if config.moe is not None else 0,
+        transposed=hf_type.transposed,
+        ignored=hf_type.ignored,
+        source=f"{model_type} checkpoints",
+    )
+
+
+def convert_state_dict(
+    module: nn.Module,
+    tensors: Tensors,
+    names: Names,
+    *,
+    n_layer: int = 0,
+    n_experts: int = 0,
+    transposed: frozenset[str] = frozenset(),
+    ignored: tuple[str, ...] = (),
+    source: str = "the checkpoint",
+) -> Tensors:
+    """Hugging Face `tensors` renamed and reshaped by the name table `names` into a state dict of `module`.
+
+    `{i}` in the table runs over n_layer layers, `{e}` over n_experts experts; `transposed`
+    and `ignored` list templates of tensors stored as (in, out) and of buffers that hold no
+    weights. Only the shapes of `module` are read, so it may live on the meta device.
+
+    Every parameter must come from exactly one checkpoint tensor of the expected shape,
+    and every checkpoint tensor must be used, otherwise CheckpointError names the tensor.
+    With tied parameters (GPT-2's head is its embedding) a stored copy is skipped, as
+    Hugging Face does. A persistent buffer that the table gives no source is zero: the
+    router's selection bias, which only DeepSeek-V3 checkpoints hold (zero selects plain top-k).
+    """
+    shapes, tied, buffers = _expected_shapes(module)
+    rules = _expand(names, n_layer, n_experts)
     required = {hf: rule for hf, rule in rules.items() if all(t in shapes for t in rule.targets)}
-    _check_covered(model_type, shapes, required)
+    _check_covered(source, [name for name in shapes if name not in buffers], required)
     # Stored copies of tied parameters, and buffers that hold no weights.
     skipped = {hf for hf, rule in rules.items() if all(t in tied for t in rule.targets)}
-    skipped |= {name.format(i=i) for name in hf_type.ignored for i in range(config.n_layer)}
-    tensors = _with_prefix(tensors, hf_type.prefix)
+    skipped |= {name.format(i=i) for name in ignored for i in range(n_layer)}
     _check_names(tensors, required, skipped)
-    state_dict: Tensors = {}
-    for hf_name, rule in required.items():
-        transposed = rule.template in hf_type.transposed
-        state_dict |= _split(hf_name, tensors[hf_name], rule.targets, shapes, transposed)
+    state_dict = _renamed(tensors, required, shapes, transposed)
+    state_dict |= {name: torch.zeros(shapes[name]) for name in buffers - state_dict.keys()}
     return state_dict | {alias: state_dict[owner] for alias, owner in tied.items()}
 
 
@@ -103,45 +140,45 @@ def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -
 class Rule(NamedTuple):
     """Where one concrete Hugging Face tensor goes."""
 
-    template: str  # its name in the table, with `{i}`
-    targets: tuple[str, ...]  # the mistura parameters it holds, in order along dim 0
+    template: str  # its name in the table, with `{i}` and `{e}`
+    targets: tuple[str, ...]  # the mistura tensors it holds, in order along dim 0
+    expert: int | None  # with `{e}`: the slice of the stacked targets it fills
 
 
-def _parameter_shapes(config: ModelConfig) -> tuple[Shapes, dict[str, str]]:
-    """Shapes of the parameters of `Transformer(config)`, and its tied names (alias -> owner).
-
-    The model is built on the meta device, which allocates nothing and runs no init.
-    """
-    with torch.device("meta"):
-        model = Transformer(config)
+def _expected_shapes(module: nn.Module) -> tuple[Shapes, dict[str, str], set[str]]:
+    """Shapes of the parameters and persistent buffers of `module`, its tied names
+    (alias -> owner), and which names are buffers."""
     shapes: Shapes = {}
     tied: dict[str, str] = {}
     owners: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
+    for name, param in module.named_parameters(remove_duplicate=False):
         if id(param) in owners:
             tied[name] = owners[id(param)]
         else:
             owners[id(param)] = name
             shapes[name] = tuple(param.shape)
-    return shapes, tied
+    buffers = {name for name in module.state_dict(keep_vars=True) if name not in shapes and name not in tied}
+    shapes |= {name: tuple(module.get_buffer(name).shape) for name in buffers}
+    return shapes, tied, buffers
 
 
-def _expand(names: dict[str, str | tuple[str, ...]], n_layer: int) -> dict[str, Rule]:
-    """The table with `{i}` replaced by every layer index: concrete HF name -> Rule."""
+def _expand(names: Names, n_layer: int, n_experts: int) -> dict[str, Rule]:
+    """The table with `{i}` and `{e}` replaced by every layer and expert index: concrete HF name -> Rule."""
     rules: dict[str, Rule] = {}
     for template, ours in names.items():
         targets = (ours,) if isinstance(ours, str) else ours
         for i in range(n_layer) if "{i}" in template else (0,):
-            rules[template.format(i=i)] = Rule(template, tuple(t.format(i=i) for t in targets))
+            for e in range(n_experts) if "{e}" in template else (None,):
+                rules[template.format(i=i, e=e)] = Rule(template, tuple(t.format(i=i) for t in targets), e)
     return rules
 
 
-def _check_covered(model_type: str, shapes: Shapes, required: dict[str, Rule]) -> None:
+def _check_covered(source: str, parameters: list[str], required: dict[str, Rule]) -> None:
     """Every mistura parameter needs a Hugging Face source; an adaptive norm's alpha has none."""
     covered = {target for rule in required.values() for target in rule.targets}
-    uncovered = [name for name in shapes if name not in covered]
+    uncovered = [name for name in parameters if name not in covered]
     if uncovered:
-        raise ConfigError(f"the config has parameters that {model_type} checkpoints lack: {_some(uncovered)}")
+        raise ConfigError(f"the config has parameters with no source in {source}: {_some(uncovered)}")
 
 
 def _with_prefix(tensors: Tensors, prefix: str) -> Tensors:
@@ -165,25 +202,38 @@ def _check_names(tensors: Tensors, required: dict[str, Rule], skipped: set[str])
         )
 
 
-def _split(
-    hf_name: str,
-    tensor: torch.Tensor,
-    targets: tuple[str, ...],
-    shapes: Shapes,
-    transposed: bool,
-) -> Tensors:
-    """One checkpoint tensor as mistura tensors: transposed if stored (in, out), split by rows."""
-    rows = [shapes[target][0] for target in targets]
-    expected = (sum(rows), *shapes[targets[0]][1:])
+def _renamed(tensors: Tensors, required: dict[str, Rule], shapes: Shapes, transposed: frozenset[str]) -> Tensors:
+    """The required tensors under mistura's names; the experts' slices stacked in expert order."""
+    state_dict: Tensors = {}
+    experts: dict[str, list[torch.Tensor]] = {}  # stacked target -> its experts' slices
+    for hf_name, rule in required.items():  # `_expand` lists the experts in order
+        parts = _split(hf_name, tensors[hf_name], rule, shapes, rule.template in transposed)
+        if rule.expert is None:
+            state_dict |= parts
+        else:
+            for target, part in parts.items():
+                experts.setdefault(target, []).append(part)
+    return state_dict | {target: torch.stack(slices) for target, slices in experts.items()}
+
+
+def _split(hf_name: str, tensor: torch.Tensor, rule: Rule, shapes: Shapes, transposed: bool) -> Tensors:
+    """One checkpoint tensor as mistura tensors: transposed if stored (in, out), split by rows.
+
+    An expert's tensor fills one slice of its stacked targets, so it lacks their first dimension.
+    """
+    target_shapes = [shapes[target] if rule.expert is None else shapes[target][1:] for target in rule.targets]
+    rows = [shape[0] for shape in target_shapes]
+    expected = (sum(rows), *target_shapes[0][1:])
     if transposed:
         expected = expected[::-1]
     if tuple(tensor.shape) != expected:
         raise CheckpointError(
-            f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, expected {expected} for {', '.join(targets)}"
+            f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, "
+            f"expected {expected} for {', '.join(rule.targets)}"
         )
     if transposed:
         tensor = tensor.t()
-    return {target: part.contiguous() for target, part in zip(targets, tensor.split(rows))}
+    return {target: part.contiguous() for target, part in zip(rule.targets, tensor.split(rows))}
 
 
 def _some(names: list[str], shown: int = 3) -> str:

@@ -3,8 +3,21 @@
 A name table maps Hugging Face parameter names, with `{i}` for the layer index, to
 mistura names. Most entries are renames. A tuple of targets marks a fused tensor, split
 along its first dimension in the order given (GPT-2's `c_attn` holds q, k, then v).
-`transposed` lists the names stored as (in, out), the transpose of `nn.Linear`, as GPT-2's
-`Conv1D` does. The tables are plain dicts, so export can invert them.
+`{e}` stands for the expert index: checkpoints store each routed expert's linears on
+their own, `experts.{e}.gate_proj.weight` (F, D), and mistura stacks the experts' slices
+into one (E, F, D) tensor. `transposed` lists the names stored as (in, out), the
+transpose of `nn.Linear`, as GPT-2's `Conv1D` does. An entry applies only where the
+config has its target: a bias only with biases, the dense MLP's names only in dense
+layers, the experts' only in expert layers. The tables are plain dicts, so export can
+invert them.
+
+Tables of a sub-module (a SwiGLU MLP, a MoE block) are written relative to it and placed
+in the layers by `_in_layers`; `DEEPSEEK_V3_MOE_NAMES` also serves on its own, to load one
+DeepSeek-V3 MoE block into a mistura `MoELayer`.
+
+Transformers 5 keeps the experts of these models stacked in memory (gate and up fused in
+`experts.gate_up_proj`), but `save_pretrained` writes them back one by one, as every
+checkpoint on the Hub holds them; that per-expert layout is the one read here.
 
 A config reader turns config.json into a `ModelConfig`. An option that changes the
 computation but that mistura does not implement raises ConfigError: building a slightly
@@ -23,19 +36,32 @@ from typing import Any
 from mistura.config import ModelConfig
 from mistura.errors import ConfigError
 
+Names = dict[str, str | tuple[str, ...]]  # HF template -> mistura template(s)
+
 
 @dataclass(frozen=True)
 class HFModelType:
     """How to read one Hugging Face `model_type`."""
 
     read_config: Callable[[dict[str, Any]], ModelConfig]
-    names: dict[str, str | tuple[str, ...]]  # HF template -> mistura template(s)
+    names: Names
     prefix: str  # what *ForCausalLM puts before the base model's names
     transposed: frozenset[str] = frozenset()  # HF templates stored as (in, out)
     ignored: tuple[str, ...] = ()  # HF templates of buffers that hold no weights
 
 
-GPT2_NAMES: dict[str, str | tuple[str, ...]] = {
+def _within(hf_prefix: str, prefix: str, names: dict[str, str]) -> dict[str, str]:
+    """A sub-module's table placed under a prefix on each side."""
+    return {hf_prefix + hf: prefix + ours for hf, ours in names.items()}
+
+
+def _in_layers(hf_module: str, names: dict[str, str]) -> dict[str, str]:
+    """An MLP's table (dense or MoE) placed in the MLP slot of every layer; Hugging Face
+    names that slot `hf_module`."""
+    return _within(f"model.layers.{{i}}.{hf_module}.", "blocks.{i}.mlp.", names)
+
+
+GPT2_NAMES: Names = {
     "transformer.wte.weight": "tok_emb.weight",
     "transformer.wpe.weight": "pos_emb.weight",
     "transformer.h.{i}.ln_1.weight": "blocks.{i}.attn_norm.weight",
@@ -63,8 +89,20 @@ GPT2_NAMES: dict[str, str | tuple[str, ...]] = {
     "lm_head.weight": "lm_head.weight",
 }
 
-# Bias entries only match when the config has biases (attention_bias and mlp_bias).
-LLAMA_NAMES: dict[str, str | tuple[str, ...]] = {
+# A SwiGLU MLP: Llama's, Qwen's dense layers, the shared experts of Qwen2-MoE and DeepSeek.
+# The bias entries only match when the config has biases (Llama's mlp_bias).
+SWIGLU_NAMES: dict[str, str] = {
+    "gate_proj.weight": "gate_proj.weight",
+    "gate_proj.bias": "gate_proj.bias",
+    "up_proj.weight": "up_proj.weight",
+    "up_proj.bias": "up_proj.bias",
+    "down_proj.weight": "down_proj.weight",
+    "down_proj.bias": "down_proj.bias",
+}
+
+# Everything of a Llama-like model but its MLPs. Bias entries only match when the config
+# has them (attention_bias, Qwen's qkv_bias); the q/k norms only with qk_norm (Qwen3).
+LLAMA_BODY_NAMES: Names = {
     "model.embed_tokens.weight": "tok_emb.weight",
     "model.layers.{i}.input_layernorm.weight": "blocks.{i}.attn_norm.weight",
     "model.layers.{i}.self_attn.q_proj.weight": "blocks.{i}.attn.q_proj.weight",
@@ -75,16 +113,46 @@ LLAMA_NAMES: dict[str, str | tuple[str, ...]] = {
     "model.layers.{i}.self_attn.v_proj.bias": "blocks.{i}.attn.v_proj.bias",
     "model.layers.{i}.self_attn.o_proj.weight": "blocks.{i}.attn.o_proj.weight",
     "model.layers.{i}.self_attn.o_proj.bias": "blocks.{i}.attn.o_proj.bias",
+    "model.layers.{i}.self_attn.q_norm.weight": "blocks.{i}.attn.q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blocks.{i}.attn.k_norm.weight",
     "model.layers.{i}.post_attention_layernorm.weight": "blocks.{i}.mlp_norm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "blocks.{i}.mlp.gate_proj.weight",
-    "model.layers.{i}.mlp.gate_proj.bias": "blocks.{i}.mlp.gate_proj.bias",
-    "model.layers.{i}.mlp.up_proj.weight": "blocks.{i}.mlp.up_proj.weight",
-    "model.layers.{i}.mlp.up_proj.bias": "blocks.{i}.mlp.up_proj.bias",
-    "model.layers.{i}.mlp.down_proj.weight": "blocks.{i}.mlp.down_proj.weight",
-    "model.layers.{i}.mlp.down_proj.bias": "blocks.{i}.mlp.down_proj.bias",
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+
+LLAMA_NAMES: Names = LLAMA_BODY_NAMES | _in_layers("mlp", SWIGLU_NAMES)
+
+# A MoE block's router and routed experts, as Qwen-MoE and DeepSeek checkpoints name them.
+ROUTED_EXPERTS_NAMES: dict[str, str] = {
+    "gate.weight": "router.gate.weight",
+    "experts.{e}.gate_proj.weight": "experts.gate_proj",
+    "experts.{e}.up_proj.weight": "experts.up_proj",
+    "experts.{e}.down_proj.weight": "experts.down_proj",
+}
+
+# Mixtral's MoE block (`block_sparse_moe`); its experts' linears keep the names of Mistral's code.
+MIXTRAL_MOE_NAMES: dict[str, str] = {
+    "gate.weight": "router.gate.weight",
+    "experts.{e}.w1.weight": "experts.gate_proj",
+    "experts.{e}.w3.weight": "experts.up_proj",
+    "experts.{e}.w2.weight": "experts.down_proj",
+}
+
+# Qwen2-MoE's block adds a shared expert whose output a sigmoid gate scales.
+QWEN2_MOE_NAMES: dict[str, str] = (
+    ROUTED_EXPERTS_NAMES
+    | _within("shared_expert.", "shared.", SWIGLU_NAMES)
+    | {"shared_expert_gate.weight": "shared_gate.weight"}
+)
+
+# DeepSeek-V3's MoE block (`DeepseekV3MoE`): the router's e_score_correction_bias is
+# mistura's selection bias, and the n_shared_experts shared experts are one SwiGLU of
+# n_shared_experts * moe_intermediate_size channels.
+DEEPSEEK_V3_MOE_NAMES: dict[str, str] = (
+    ROUTED_EXPERTS_NAMES
+    | {"gate.e_score_correction_bias": "router.expert_bias"}
+    | _within("shared_experts.", "shared.", SWIGLU_NAMES)
+)
 
 
 def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
@@ -116,33 +184,122 @@ def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
 
 def _llama_config(hf: dict[str, Any]) -> ModelConfig:
     """Llama: RMSNorm, SwiGLU, RoPE, grouped-query attention, usually no biases."""
-    _expect(hf, "hidden_act", "silu", ("silu",))
     bias = hf.get("attention_bias", False)
     if hf.get("mlp_bias", False) != bias:
         raise ConfigError(
             f"llama config: attention_bias={bias} but mlp_bias={hf.get('mlp_bias', False)}; "
             "mistura's `bias` switches the biases of attention and MLP together"
         )
-    return ModelConfig.from_dict(
-        dict(
-            name="hf-llama",
-            vocab_size=_require(hf, "vocab_size"),
-            max_seq_len=_require(hf, "max_position_embeddings"),
-            n_layer=_require(hf, "num_hidden_layers"),
-            d_model=_require(hf, "hidden_size"),
-            n_head=_require(hf, "num_attention_heads"),
-            n_kv_head=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
-            d_ff=_require(hf, "intermediate_size"),
-            mlp="swiglu",
-            norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            position="rope",
-            rope_theta=_rope_theta(hf),
-            bias=bias,
-            tie_embeddings=hf.get("tie_word_embeddings", False),
-        )
+    return ModelConfig.from_dict(dict(_llama_fields(hf), bias=bias))
+
+
+def _mixtral_config(hf: dict[str, Any]) -> ModelConfig:
+    """Mixtral: Mistral's Llama-like body with a MoE in every layer, softmax top-k renormalised."""
+    hf = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, **hf}  # MixtralConfig's defaults where Llama's differ
+    _check_full_attention(hf, hf.get("sliding_window"))
+    moe = dict(
+        n_experts=_require(hf, "num_local_experts"),
+        top_k=_require(hf, "num_experts_per_tok"),
+        d_expert=_require(hf, "intermediate_size"),
+        norm_topk=True,
     )
+    return ModelConfig.from_dict(dict(_llama_fields(hf), moe=moe))
+
+
+def _qwen2_moe_config(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen2-MoE (Qwen1.5-MoE): biases on q/k/v only, and a sigmoid-gated shared expert
+    beside the routed ones."""
+    fields = _qwen_moe_fields(hf)
+    fields["moe"] |= dict(d_shared=_require(hf, "shared_expert_intermediate_size"), shared_gate=True)
+    return ModelConfig.from_dict(dict(fields, qkv_bias=hf.get("qkv_bias", True)))
+
+
+def _qwen3_moe_config(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen3-MoE: no biases, an RMSNorm on every query and key head, no shared expert."""
+    _expect(hf, "attention_bias", False, (False,))
+    return ModelConfig.from_dict(dict(_qwen_moe_fields(hf), qk_norm=True))
+
+
+def deepseek_v3_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """The `MoEConfig` fields of a DeepSeek-V3 config.json.
+
+    Sigmoid scores; the stored selection bias added to choose, first the topk_group best
+    of n_group expert groups, then the top-k experts in them; the chosen unbiased scores
+    renormalised and times routed_scaling_factor; the n_shared_experts shared experts as
+    one SwiGLU as wide as all of them. The deepseek_v3 importer will use this once mistura
+    has its attention (MLA); the MoE blocks already load with `DEEPSEEK_V3_MOE_NAMES`.
+    """
+    _expect(hf, "scoring_func", "sigmoid", ("sigmoid",))
+    _expect(hf, "topk_method", "noaux_tc", ("noaux_tc",))
+    d_expert = _require(hf, "moe_intermediate_size")
+    return dict(
+        n_experts=_require(hf, "n_routed_experts"),
+        top_k=_require(hf, "num_experts_per_tok"),
+        d_expert=d_expert,
+        scoring="sigmoid",
+        norm_topk=hf.get("norm_topk_prob", True),
+        route_scale=hf.get("routed_scaling_factor", 2.5),
+        n_groups=hf.get("n_group") or 1,
+        topk_groups=hf.get("topk_group") or 1,
+        d_shared=hf.get("n_shared_experts", 1) * d_expert,
+        # The stored selection bias is used as it is; moving it further (DeepSeek-V3 pre-trained
+        # with a rate of 0.001) is a training choice: set model.moe.balance_bias_rate to fine-tune.
+        balance_bias_rate=0.0,
+    )
+
+
+def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """The `ModelConfig` fields of the Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+    _expect(hf, "hidden_act", "silu", ("silu",))
+    return dict(
+        name=f"hf-{hf['model_type']}",
+        vocab_size=_require(hf, "vocab_size"),
+        max_seq_len=_require(hf, "max_position_embeddings"),
+        n_layer=_require(hf, "num_hidden_layers"),
+        d_model=_require(hf, "hidden_size"),
+        n_head=_require(hf, "num_attention_heads"),
+        n_kv_head=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        d_ff=_require(hf, "intermediate_size"),
+        mlp="swiglu",
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        position="rope",
+        rope_theta=_rope_theta(hf),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+    )
+
+
+def _qwen_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """What Qwen2-MoE and Qwen3-MoE share: softmax top-k experts, renormalised when
+    norm_topk_prob, in the layers that `_qwen_layer_kinds` picks; the others keep a dense
+    MLP of intermediate_size channels."""
+    _check_full_attention(hf, hf.get("sliding_window") if hf.get("use_sliding_window") else None)
+    moe = dict(
+        # Qwen3MoeConfig aliases num_experts to num_local_experts, the key that it saves.
+        n_experts=_require(hf, "num_local_experts" if "num_local_experts" in hf else "num_experts"),
+        top_k=_require(hf, "num_experts_per_tok"),
+        d_expert=_require(hf, "moe_intermediate_size"),
+        norm_topk=hf.get("norm_topk_prob", False),
+    )
+    return dict(_llama_fields(hf), layer_mlp=_qwen_layer_kinds(hf), moe=moe)
+
+
+def _qwen_layer_kinds(hf: dict[str, Any]) -> list[str]:
+    """Layer i has experts unless listed in mlp_only_layers, and only every decoder_sparse_step-th."""
+    dense = set(hf.get("mlp_only_layers") or ())
+    step = hf.get("decoder_sparse_step", 1)
+    n_layer = _require(hf, "num_hidden_layers")
+    return ["dense" if i in dense or (i + 1) % step else "moe" for i in range(n_layer)]
+
+
+def _check_full_attention(hf: dict[str, Any], window: int | None) -> None:
+    """mistura attends over the whole context: a sliding window as wide as it changes nothing."""
+    if window is not None and window < _require(hf, "max_position_embeddings"):
+        raise ConfigError(
+            f"{hf['model_type']} config: sliding_window={window} is not supported "
+            f"(mistura attends over the whole context, max_position_embeddings={hf['max_position_embeddings']})"
+        )
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -198,6 +355,21 @@ MODEL_TYPES: dict[str, HFModelType] = {
         names=LLAMA_NAMES,
         prefix="model.",
         ignored=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),  # old checkpoints saved it
+    ),
+    "mixtral": HFModelType(
+        read_config=_mixtral_config,
+        names=LLAMA_BODY_NAMES | _in_layers("block_sparse_moe", MIXTRAL_MOE_NAMES),
+        prefix="model.",
+    ),
+    "qwen2_moe": HFModelType(
+        read_config=_qwen2_moe_config,
+        names=LLAMA_NAMES | _in_layers("mlp", QWEN2_MOE_NAMES),
+        prefix="model.",
+    ),
+    "qwen3_moe": HFModelType(
+        read_config=_qwen3_moe_config,
+        names=LLAMA_NAMES | _in_layers("mlp", ROUTED_EXPERTS_NAMES),
+        prefix="model.",
     ),
 }
 

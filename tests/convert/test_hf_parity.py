@@ -2,9 +2,10 @@
 
 Each case builds a Hugging Face model from a config (no downloads), perturbs every
 parameter so that norm weights and biases differ from their ones/zeros init (a swapped
-norm or a dropped bias would otherwise go unnoticed), saves it with `save_pretrained`
-and imports the folder with `mistura.convert.hf`. Logits and greedy continuations must
-then match Hugging Face's.
+norm or a dropped bias would otherwise go unnoticed) and routers and shared-expert gates
+from their zero init, saves it with `save_pretrained` and imports the folder with
+`mistura.convert.hf`. Logits and greedy continuations must then match Hugging Face's.
+Models run in eval mode, where mistura's experts are dropless as Hugging Face's are.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ CONTEXT = 64
 # No special tokens: greedy generation must never stop early on an end-of-sequence id.
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
+QWEN_EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
 CASES = {
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(
@@ -55,10 +58,31 @@ CASES = {
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     ),
     "llama-bias": lambda: _llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
+    "mixtral": lambda: _causal_lm(transformers.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
+    # Three layers, the middle one dense (intermediate_size), the others routed plus a gated shared expert.
+    "qwen2-moe-shared-dense": lambda: _causal_lm(
+        transformers.Qwen2MoeForCausalLM,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+        **QWEN_EXPERTS,
+        shared_expert_intermediate_size=64,
+    ),
+    "qwen3-moe-norm-topk": lambda: _causal_lm(
+        transformers.Qwen3MoeForCausalLM, head_dim=16, norm_topk_prob=True, **QWEN_EXPERTS
+    ),
+    # Raw top-k softmax weights; layers 0 and 2 dense, as decoder_sparse_step=2 makes them.
+    "qwen3-moe-raw-topk-step2": lambda: _causal_lm(
+        transformers.Qwen3MoeForCausalLM,
+        num_hidden_layers=3,
+        decoder_sparse_step=2,
+        norm_topk_prob=False,
+        **QWEN_EXPERTS,
+    ),
 }
 
 
-def _llama(**overrides) -> torch.nn.Module:
+def _causal_lm(model_class, **overrides) -> torch.nn.Module:
+    """A tiny Llama-family `model_class` from its config class: a shared shape, then the overrides."""
     config = dict(
         vocab_size=VOCAB,
         max_position_embeddings=CONTEXT,
@@ -70,7 +94,11 @@ def _llama(**overrides) -> torch.nn.Module:
         rms_norm_eps=1e-5,
         **NO_SPECIAL_TOKENS,
     )
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides}))
+    return model_class(model_class.config_class(**{**config, **overrides}))
+
+
+def _llama(**overrides) -> torch.nn.Module:
+    return _causal_lm(transformers.LlamaForCausalLM, **overrides)
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,6 +127,12 @@ def saved(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
 def gpt2_saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
     """One architecture is enough for the layout and error tests."""
     return _save("gpt2", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def moe_saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """For the experts' layout and errors: routed experts, a shared expert and a dense layer."""
+    return _save("qwen2-moe-shared-dense", tmp_path_factory)
 
 
 def _ids(batch: int, length: int) -> torch.Tensor:
@@ -204,16 +238,128 @@ def test_config_from_hf_reads_pre_v5_rope_theta():
     assert config_from_hf(hf).rope_theta == 500000.0
 
 
+MIXTRAL_DICT = dict(LLAMA_DICT, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+QWEN3_MOE_DICT = dict(
+    LLAMA_DICT, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16
+)
+QWEN2_MOE_DICT = dict(QWEN3_MOE_DICT, model_type="qwen2_moe", shared_expert_intermediate_size=48)
+
+
+def test_config_from_hf_reads_mixtral_fields():
+    hf = transformers.MixtralConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=3,
+        max_position_embeddings=128,
+        router_aux_loss_coef=0.02,
+        router_jitter_noise=0.1,
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert config.layer_mlp == ("moe",) * 3
+    moe = config.moe
+    assert (moe.n_experts, moe.top_k, moe.d_expert, moe.scoring, moe.norm_topk) == (6, 3, 160, "softmax", True)
+    # Training choices keep mistura's defaults: no auxiliary loss, dropless routing.
+    assert moe.aux_loss_weight == 0 and moe.capacity_factor is None
+    assert not config.bias and not config.qkv_bias
+
+
+def test_missing_mixtral_options_take_its_defaults():
+    config, defaults = config_from_hf(MIXTRAL_DICT), transformers.MixtralConfig()
+    assert config.norm_eps == defaults.rms_norm_eps
+    assert config.rope_theta == defaults.rope_parameters["rope_theta"]
+
+
+def test_config_from_hf_reads_qwen2_moe_fields():
+    hf = transformers.Qwen2MoeConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        norm_topk_prob=True,
+        mlp_only_layers=[2],
+        max_position_embeddings=128,
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert config.layer_mlp == ("moe", "moe", "dense", "moe")
+    assert config.d_ff == 160  # the dense layer's width
+    moe = config.moe
+    assert (moe.n_experts, moe.top_k, moe.d_expert, moe.d_shared) == (6, 2, 32, 96)
+    assert moe.shared_gate and moe.norm_topk
+    assert config.qkv_bias and not config.bias  # q/k/v biases, none on o_proj
+
+
+def test_config_from_hf_reads_qwen3_moe_fields():
+    hf = transformers.Qwen3MoeConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+    ).to_dict()
+    assert "num_experts" not in hf  # saved under its alias, num_local_experts
+    config = config_from_hf(hf)
+    assert config.qk_norm and not config.qkv_bias and config.head_dim == 16
+    assert (config.moe.n_experts, config.moe.d_expert, config.moe.d_shared) == (6, 32, 0)
+    assert config_from_hf(QWEN3_MOE_DICT).moe.n_experts == 8  # as Hub configs name it
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(decoder_sparse_step=2),
+        dict(mlp_only_layers=[0, 3]),
+        dict(decoder_sparse_step=2, mlp_only_layers=[3]),
+    ],
+    ids=["all-sparse", "step-2", "mlp-only", "both"],
+)
+def test_qwen_moe_layer_kinds_follow_hugging_face(options):
+    """Which layers have experts is decided as Hugging Face's decoder layers decide it."""
+    hf_config = transformers.Qwen3MoeConfig(**dict(QWEN3_MOE_DICT, num_hidden_layers=4, **options))
+    with torch.device("meta"):
+        layers = transformers.Qwen3MoeForCausalLM(hf_config).model.layers
+    expected = tuple("moe" if hasattr(layer.mlp, "experts") else "dense" for layer in layers)
+    assert config_from_hf(hf_config.to_dict()).layer_mlp == expected
+
+
+def test_sliding_window_as_wide_as_the_context_is_accepted():
+    """A window of max_position_embeddings or more never hides a token (LLAMA_DICT's is 32)."""
+    assert config_from_hf(dict(MIXTRAL_DICT, sliding_window=32)).max_seq_len == 32
+    assert config_from_hf(dict(QWEN2_MOE_DICT, use_sliding_window=True, sliding_window=64)).max_seq_len == 32
+    assert config_from_hf(dict(QWEN3_MOE_DICT, use_sliding_window=False, sliding_window=4)).max_seq_len == 32
+
+
 @pytest.mark.parametrize(
     "hf_config, culprit",
     [
-        (dict(model_type="bert"), r"'bert' is not supported; supported: gpt2, llama"),
+        (dict(model_type="bert"), r"'bert' is not supported; supported: gpt2, llama, mixtral, qwen2_moe, qwen3_moe"),
         (dict(GPT2_DICT, activation_function="relu"), "activation_function='relu'"),
         (dict(LLAMA_DICT, hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(LLAMA_DICT, rope_parameters={"rope_type": "llama3", "factor": 8.0}), "'llama3'"),
         (dict(LLAMA_DICT, rope_scaling={"type": "linear", "factor": 2.0}), "'linear'"),
         (dict(LLAMA_DICT, attention_bias=True, mlp_bias=False), "mlp_bias=False"),
         ({k: v for k, v in LLAMA_DICT.items() if k != "hidden_size"}, "missing 'hidden_size'"),
+        (dict(MIXTRAL_DICT, sliding_window=16), "sliding_window=16 is not supported"),
+        (dict(QWEN2_MOE_DICT, use_sliding_window=True, sliding_window=16), "sliding_window=16"),
+        (dict(QWEN3_MOE_DICT, use_sliding_window=True, sliding_window=16), "sliding_window=16"),
+        (dict(QWEN3_MOE_DICT, rope_parameters={"rope_type": "yarn", "factor": 4.0}), "'yarn'"),
+        (dict(QWEN3_MOE_DICT, attention_bias=True), "attention_bias=True"),
+        (dict(MIXTRAL_DICT, hidden_act="gelu"), "hidden_act='gelu'"),
+        ({k: v for k, v in QWEN2_MOE_DICT.items() if k != "moe_intermediate_size"}, "'moe_intermediate_size'"),
     ],
 )
 def test_unsupported_config_is_refused(hf_config, culprit):
@@ -223,7 +369,7 @@ def test_unsupported_config_is_refused(hf_config, culprit):
 
 def test_config_without_hf_counterpart_is_refused():
     config = dataclasses.replace(config_from_hf(LLAMA_DICT), adaptive_norm=True)
-    with pytest.raises(ConfigError, match=r"llama checkpoints lack: blocks\.0\.attn_norm\.alpha"):
+    with pytest.raises(ConfigError, match=r"no source in llama checkpoints: blocks\.0\.attn_norm\.alpha"):
         state_dict_from_hf("llama", {}, config)
 
 
@@ -237,11 +383,20 @@ def test_stored_copy_of_tied_head_is_skipped(gpt2_saved):
     assert torch.equal(state_dict["lm_head.weight"], expected["tok_emb.weight"])
 
 
+def _config_and_tensors(saved: tuple[torch.nn.Module, Path]) -> tuple[mistura.ModelConfig, dict]:
+    """(config, tensors) of a saved model, as read from its folder."""
+    hf_model, folder = saved
+    return config_from_hf(hf_model.config.to_dict()), load_file(folder / "model.safetensors")
+
+
 @pytest.fixture
 def gpt2_tensors(gpt2_saved):
-    """(config, tensors) of the saved GPT-2 model, as read from its folder."""
-    hf_model, folder = gpt2_saved
-    return config_from_hf(hf_model.config.to_dict()), load_file(folder / "model.safetensors")
+    return _config_and_tensors(gpt2_saved)
+
+
+@pytest.fixture
+def moe_tensors(moe_saved):
+    return _config_and_tensors(moe_saved)
 
 
 def test_missing_tensor_is_named(gpt2_tensors):
@@ -264,6 +419,48 @@ def test_wrong_shape_is_named(gpt2_tensors):
     tensors[name] = tensors[name].t().contiguous()  # saved as nn.Linear would, not as Conv1D
     with pytest.raises(CheckpointError, match=r"h\.0\.attn\.c_attn\.weight: shape \(144, 48\)"):
         state_dict_from_hf("gpt2", tensors, config)
+
+
+def test_experts_are_stacked_in_order(moe_tensors):
+    config, tensors = moe_tensors
+    state_dict = state_dict_from_hf("qwen2_moe", tensors, config)
+    stacked = state_dict["blocks.2.mlp.experts.down_proj"]
+    assert stacked.shape == (8, 48, 32)
+    assert all(torch.equal(stacked[e], tensors[f"model.layers.2.mlp.experts.{e}.down_proj.weight"]) for e in range(8))
+    # Qwen has no selection bias: a zero one selects plain top-k.
+    assert torch.equal(state_dict["blocks.2.mlp.router.expert_bias"], torch.zeros(8))
+
+
+def test_missing_expert_is_named(moe_tensors):
+    config, tensors = moe_tensors
+    del tensors["model.layers.2.mlp.experts.7.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"missing model\.layers\.2\.mlp\.experts\.7\.up_proj\.weight"):
+        state_dict_from_hf("qwen2_moe", tensors, config)
+
+
+def test_extra_expert_is_named(moe_tensors):
+    config, tensors = moe_tensors
+    tensors["model.layers.0.mlp.experts.8.up_proj.weight"] = tensors["model.layers.0.mlp.experts.7.up_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"unexpected tensors model\.layers\.0\.mlp\.experts\.8\.up"):
+        state_dict_from_hf("qwen2_moe", tensors, config)
+
+
+def test_experts_in_a_dense_layer_are_unexpected(moe_tensors):
+    """The config makes layer 1 dense: a checkpoint with experts there does not match it."""
+    config, tensors = moe_tensors
+    tensors["model.layers.1.mlp.gate.weight"] = tensors["model.layers.0.mlp.gate.weight"]
+    with pytest.raises(CheckpointError, match=r"unexpected tensors model\.layers\.1\.mlp\.gate\.weight"):
+        state_dict_from_hf("qwen2_moe", tensors, config)
+
+
+def test_wrong_expert_shape_is_named(moe_tensors):
+    config, tensors = moe_tensors
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+    tensors[name] = tensors[name].t().contiguous()
+    with pytest.raises(
+        CheckpointError, match=r"experts\.3\.down_proj\.weight: shape \(32, 48\) .* expected \(48, 32\)"
+    ):
+        state_dict_from_hf("qwen2_moe", tensors, config)
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.001], ids=["truncated-data", "truncated-header"])

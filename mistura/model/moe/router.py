@@ -35,7 +35,7 @@ class Router(nn.Module):
         super().__init__()
         self.config = config
         self.gate = nn.Linear(d_model, config.n_experts, bias=False)
-        # Aux-loss-free balancing: updated by `balance_step`, never by gradients.
+        # Aux-loss-free balancing: a selection-only bias, updated by `balance_step`, never by gradients.
         self.register_buffer("expert_bias", torch.zeros(config.n_experts))
         self.register_buffer("load", torch.zeros(config.n_experts), persistent=False)
 
@@ -43,7 +43,7 @@ class Router(nn.Module):
         cfg = self.config
         logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
         scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()
-        choice = scores + self.expert_bias if cfg.balance_bias_rate > 0 else scores
+        choice = scores + self.expert_bias  # zero unless trained by balance_step or imported
         if cfg.n_groups > 1:
             choice = self._limit_to_best_groups(choice)
         experts = choice.topk(cfg.top_k, dim=-1, sorted=False).indices  # (N, K)
