@@ -39,7 +39,9 @@ class GroupedExperts(nn.Module):
     @staticmethod
     def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Row group e of x times weight[e].T; x (A, in), weight (E, out, in) -> (A, out)."""
-        grouped = HAS_GROUPED_MM and x.dtype == weight.dtype and x.shape[0] > 0
+        # The kernels need 16-byte aligned rows: the in and out widths times the element size.
+        aligned = all(width * x.element_size() % 16 == 0 for width in weight.shape[-2:])
+        grouped = HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0
         if grouped and (x.device.type == "cpu" or x.dtype == torch.bfloat16):  # CUDA kernels take bf16
             offsets = counts.cumsum(0).to(torch.int32)
             return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
