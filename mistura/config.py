@@ -261,4 +261,17 @@ PRESETS |= {
             seq_aux_loss_weight=1e-4,
         ),
     ),  # fmt: skip
+    # Seed 003's collaborative experts (LunarisCodex-MoC) at CPU scale, Llama-style: every
+    # MLP is a MoC layer of 4 experts, 2 fused per token. MoC runs all 4 experts for every
+    # token: at width 192 they cost what seed 004's dense 768-wide MLP does, and the layer's
+    # two attentions 2.7 times as much again (mistura/model/moe/moc.py counts it).
+    "moc-tiny": dict(
+        n_layer=6,
+        d_model=256,
+        n_head=8,
+        n_kv_head=4,
+        tie_embeddings=True,
+        layer_mlp=("moc",) * 6,
+        moe=dict(n_experts=4, top_k=2, d_expert=192, moc_heads=4, aux_loss_weight=0.01, diversity_loss_weight=0.01),
+    ),
 }

@@ -22,12 +22,12 @@ from mistura.infer.sampling import check_sampling, sample_next
 from mistura.model.attention import Attention
 from mistura.model.cache import KVCache
 from mistura.model.mlp import dense_mlp
-from mistura.model.moe import GroupedExperts, MoEAux, MoELayer, Router
+from mistura.model.moe import CollaborativeExperts, GroupedExperts, MoEAux, MoELayer, Router
 from mistura.model.norm import RMSNorm, build_norm
 from mistura.model.rope import RotaryEmbedding
 
 # The MLP of each layer, by the kind config.layer_mlp names; expert layers also return a MoEAux.
-LAYER_MLPS = {"dense": dense_mlp, "moe": MoELayer}
+LAYER_MLPS = {"dense": dense_mlp, "moe": MoELayer, "moc": CollaborativeExperts}
 
 
 class Block(nn.Module):
@@ -76,7 +76,8 @@ class Transformer(nn.Module):
         |                                      | when scaled_init (GPT-2's residual     |
         |                                      | scaling: the stream's variance stays   |
         |                                      | flat with depth)                       |
-        | routed experts (stacked weights)     | as linear weights; down_proj residual  |
+        | routed experts (stacked weights),    | as linear weights; down_proj residual  |
+        | MultiheadAttention input projections |                                        |
         | biases, router selection bias        | zero                                   |
         | norm weights and alpha               | one                                    |
         """
@@ -88,6 +89,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.MultiheadAttention):  # collaborative experts' attentions
+                nn.init.normal_(module.in_proj_weight, 0.0, std)
+                if module.in_proj_bias is not None:
+                    nn.init.zeros_(module.in_proj_bias)
             elif isinstance(module, GroupedExperts):
                 module.reset_parameters(std, residual_std)
             elif isinstance(module, Router):

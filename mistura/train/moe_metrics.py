@@ -7,7 +7,8 @@ Per layer L (numbered in the model), over the assignments seen since the last su
     moe/L/load_cv       coefficient of variation of the load (std / mean)
     moe/L/dead_experts  experts that received no assignment
     moe/L/entropy       mean per-token routing entropy (nats)
-    moe/L/dropped_fraction, balance_loss, z_loss, seq_aux_loss, entropy_loss (window means)
+    moe/L/dropped_fraction, balance_loss, z_loss, seq_aux_loss, entropy_loss (window means;
+                        collaborative layers report balance_loss and diversity_loss)
 """
 
 from __future__ import annotations

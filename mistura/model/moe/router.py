@@ -41,7 +41,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:  # x (N, D)
         cfg = self.config
-        logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run the gate in bf16
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
         scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()
         choice = scores + self.expert_bias  # zero unless trained by balance_step or imported
         if cfg.n_groups > 1:
