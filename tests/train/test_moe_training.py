@@ -36,6 +36,18 @@ KINDS = {
             "seq_aux_loss_weight": 1e-4,
         },
     },
+    "collaborative": {  # every layer a MoC layer: all experts answer, attention routes and fuses
+        "preset": "moc-tiny",
+        "layer_mlp": ["moc", "moc"],
+        "moe": {
+            "n_experts": 4,
+            "top_k": 2,
+            "d_expert": 32,
+            "moc_heads": 4,
+            "aux_loss_weight": 0.01,
+            "diversity_loss_weight": 0.01,
+        },
+    },
 }
 LAYER_METRICS = ["load_cv", "max_util", "min_util", "dead_experts", "entropy", "dropped_fraction", "balance_loss"]
 
@@ -53,7 +65,7 @@ def test_each_moe_kind_trains_with_balanced_experts(run_dict, kind):
     evals = [r for r in records if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
     logs = [r for r in records if "loss" in r]
-    layers = [i for i, mlp in enumerate(trainer.run.model.layer_mlp) if mlp == "moe"]
+    layers = [i for i, mlp in enumerate(trainer.run.model.layer_mlp) if mlp != "dense"]
     assert layers == ([1] if kind == "deepseek" else [0, 1])
     for record in logs:
         assert {"loss/main", "loss/aux"} <= set(record)
