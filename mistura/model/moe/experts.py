@@ -31,10 +31,18 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.up_proj, 0.0, std)
         nn.init.normal_(self.down_proj, 0.0, std if residual_std is None else residual_std)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (A, D) sorted by expert, counts (E,) rows per expert -> (A, D)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x (A, D) sorted by expert, counts (E,) rows per expert -> (A, D), each row times its weight (A, 1).
+
+        The down projection is linear, so a row's weight may scale its input (A, F) or its
+        output (A, D): the narrower one, which costs fewer multiplications forward and back.
+        """
         hidden = F.silu(self._matmul(x, self.gate_proj, counts)) * self._matmul(x, self.up_proj, counts)
-        return self._matmul(hidden, self.down_proj, counts)
+        if weights is None:
+            return self._matmul(hidden, self.down_proj, counts)
+        if hidden.shape[1] < x.shape[1]:
+            return self._matmul(hidden * weights, self.down_proj, counts)
+        return self._matmul(hidden, self.down_proj, counts) * weights
 
     @staticmethod
     def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
