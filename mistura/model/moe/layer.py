@@ -50,21 +50,23 @@ class MoELayer(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)  # (N, D)
         routing = self.router(flat)
-        y, dropped = self._dispatch(flat, routing)
+        load = torch.bincount(routing.experts.flatten(), minlength=self.config.n_experts)  # (E,)
+        y, dropped = self._dispatch(flat, routing, load)
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(flat)) * shared
             y = y + shared
-        return y.view(B, T, D), self._aux(routing, B, T, dropped)
+        return y.view(B, T, D), self._aux(routing, load.float(), B, T, dropped)
 
-    def _dispatch(self, x: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, int]:
-        """Experts' weighted outputs summed per token (N, D), and how many assignments were dropped."""
+    def _dispatch(self, x: torch.Tensor, routing: Routing, counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Experts' weighted outputs summed per token (N, D), and how many assignments were dropped.
+
+        counts (E,) holds the assignments per expert, before any capacity dropping.
+        """
         N, K = routing.experts.shape
-        E = self.config.n_experts
         expert_of = routing.experts.flatten()  # (N * K,) token-major
         order = expert_of.argsort(stable=True)  # assignments grouped by expert
-        counts = torch.bincount(expert_of, minlength=E)  # (E,)
         if self.training and self.config.capacity_factor is not None:
             order, counts = self._apply_capacity(order, expert_of[order], counts, N * K)
         token = order // K  # (A,)
@@ -82,11 +84,10 @@ class MoELayer(nn.Module):
         rank = torch.arange(n_assignments, device=order.device) - starts[sorted_experts]  # place within its expert
         return order[rank < capacity], counts.clamp(max=capacity)
 
-    def _aux(self, routing: Routing, B: int, T: int, dropped: int) -> MoEAux:
+    def _aux(self, routing: Routing, load: torch.Tensor, B: int, T: int, dropped: int) -> MoEAux:
         cfg = self.config
         E, K, N = cfg.n_experts, cfg.top_k, B * T
         probs = routing.scores / routing.scores.sum(-1, keepdim=True)  # (N, E) routing distribution
-        load = torch.bincount(routing.experts.flatten(), minlength=E).float()  # (E,)
         mean_probs = probs.mean(0)  # (E,)
         losses = {
             # Switch Transformer: E * sum_i f_i * P_i, f_i = share of the N * K assignments; 1 when balanced.
