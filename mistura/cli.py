@@ -99,6 +99,12 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(f"{label:<30} {value}")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from mistura.plan import describe, plan
+
+    print(describe(plan(args.flops, args.tokens, args.params, args.tokens_per_param)))
+
+
 def describe_layers(config) -> str:
     """E.g. "6: 1 dense, 5 moe (16 experts of width 192, top-3, shared 192)"."""
     kinds = {kind: config.layer_mlp.count(kind) for kind in dict.fromkeys(config.layer_mlp)}
@@ -161,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("plan", help="compute-optimal model size and token budget (Chinchilla, C = 6 N D)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=float, help="training compute budget C in FLOPs, e.g. 1e18")
+    budget.add_argument("--tokens", type=float, help="training tokens D available")
+    budget.add_argument("--params", type=float, help="active parameters N of the model")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="compute-optimal D / N (Chinchilla: ~20)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
