@@ -8,7 +8,7 @@ ids = model.generate(input_ids, max_new_tokens=50, temperature=0.8, top_k=50)
 
 from mistura.checkpoint import load, load_tokenizer
 from mistura.config import ModelConfig
-from mistura.model import KVCache, Transformer
+from mistura.model import KVCache, LatentCache, Transformer
 
 __version__ = "0.1.0"
-__all__ = ["KVCache", "ModelConfig", "Transformer", "load", "load_tokenizer"]
+__all__ = ["KVCache", "LatentCache", "ModelConfig", "Transformer", "load", "load_tokenizer"]

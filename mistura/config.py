@@ -77,12 +77,83 @@ class MoEConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3): keys and values expanded from one small latent per token.
+
+    Each head's query is [q_nope (qk_nope_head_dim), q_rope (qk_rope_head_dim)]; its key is
+    [k_nope, k_rope], where k_nope (and the value, v_head_dim) come from a kv_lora_rank latent
+    and k_rope is one rotary key shared by all heads. Decoding caches only the latent and
+    the rotary key: kv_lora_rank + qk_rope_head_dim values per token and layer.
+    """
+
+    q_lora_rank: int | None = None  # queries through a low-rank bottleneck; None: one q_proj (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128  # query/key channels without position information
+    qk_rope_head_dim: int = 64  # rotary channels; the key's are shared across heads
+    v_head_dim: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"model.mla.{name}: must be >= 1, got {value}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"model.mla.qk_rope_head_dim: RoPE needs an even width, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
+class YaRNConfig:
+    """YaRN context extension (Peng et al. 2023) of a RoPE model trained on original_max_seq_len tokens.
+
+    Rotary frequencies that turn fewer than beta_slow times over the original context are
+    interpolated (divided by factor), those that turn more than beta_fast times are kept,
+    and a linear ramp blends the ones in between. cos/sin are multiplied by an attention
+    factor, which by default is mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    with mscale(s, m) = 0.1 m ln(s) + 1, exactly as Hugging Face computes it. DeepSeek's
+    MLA additionally multiplies its softmax scale by mscale(factor, mscale_all_dim)^2.
+    """
+
+    factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0  # 0: the attention factor is mscale(factor, 1) and the softmax scale is unchanged
+    attention_factor: float | None = None  # overrides the cos/sin factor derived from mscale
+    truncate: bool = True  # round the blended band out to whole channels (Hugging Face's default)
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            raise ConfigError(f"model.yarn.factor: must be >= 1, got {self.factor}")
+        if self.original_max_seq_len < 1:
+            raise ConfigError(f"model.yarn.original_max_seq_len: must be >= 1, got {self.original_max_seq_len}")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ConfigError(
+                f"model.yarn.beta_fast: need 0 < beta_slow < beta_fast, got beta_slow={self.beta_slow}, "
+                f"beta_fast={self.beta_fast}"
+            )
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.yarn.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ConfigError(f"model.yarn.attention_factor: must be positive, got {self.attention_factor}")
+
+
+@dataclass
 class ModelConfig:
     """Shape and options of a decoder-only Transformer.
 
     Widths: `d_model` is the residual stream, each of the `n_head` query heads has
     `head_dim` channels, keys/values have `n_kv_head` heads (grouped-query attention
     when fewer than `n_head`), the MLP hidden layer has `d_ff` channels.
+
+    With `mla` set, attention is Multi-head Latent Attention: every query head has its own
+    key/value head (n_kv_head equals n_head), the head widths come from `mla`, and
+    `head_dim` is the rotary width, mla.qk_rope_head_dim (as in Hugging Face's DeepSeek configs).
     """
 
     name: str = "custom"
@@ -113,11 +184,15 @@ class ModelConfig:
     first_dense_layers: int = 0  # with moe set and layer_mlp None: this many dense layers first (DeepSeek)
     qkv_bias: bool | None = None  # biases on q/k/v only (Qwen2); None: same as bias
     qk_norm: bool = False  # RMSNorm on each query and key head before RoPE (Qwen3)
+    mla: MLAConfig | None = None  # Multi-head Latent Attention instead of grouped-query attention
+    yarn: YaRNConfig | None = None  # YaRN context extension of the rotary embedding
 
     def __post_init__(self) -> None:
         self._check_positive("vocab_size", "max_seq_len", "n_layer", "d_model", "n_head", "init_std")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.mla is not None:
+            self._check_mla()
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 raise ConfigError(
@@ -139,6 +214,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_head: {self.n_kv_head} key/value heads do not divide n_head={self.n_head}")
         if self.position == "rope" and self.head_dim % 2:
             raise ConfigError(f"model.head_dim: RoPE needs an even head width, got {self.head_dim}")
+        if self.yarn is not None and self.position != "rope":
+            raise ConfigError("model.yarn: YaRN extends rotary embeddings; set position: rope")
         if len(self.layer_mlp) != self.n_layer:
             raise ConfigError(f"model.layer_mlp: has {len(self.layer_mlp)} entries but n_layer={self.n_layer}")
         if self.moe is None and any(kind != "dense" for kind in self.layer_mlp):
@@ -150,6 +227,29 @@ class ModelConfig:
         for name in ("attn_dropout", "resid_dropout", "mlp_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+    def _check_mla(self) -> None:
+        """MLA fixes what GQA leaves free: one key/value head per query head, rotary width, no biases."""
+        if self.n_kv_head != self.n_head:
+            raise ConfigError(
+                f"model.n_kv_head: MLA gives every query head its own key/value head; "
+                f"set n_kv_head={self.n_head} (n_head) or leave it out, got {self.n_kv_head}"
+            )
+        rope_dim = self.mla.qk_rope_head_dim
+        if self.head_dim is None:
+            self.head_dim = rope_dim
+        elif self.head_dim != rope_dim:
+            raise ConfigError(
+                f"model.head_dim: with MLA it is the rotary width mla.qk_rope_head_dim={rope_dim}; "
+                f"leave it out, got {self.head_dim}"
+            )
+        if self.position != "rope":
+            raise ConfigError("model.position: MLA needs rotary embeddings (rope)")
+        for name in ("bias", "qkv_bias"):
+            if getattr(self, name):
+                raise ConfigError(f"model.{name}: MLA projections have no biases (DeepSeek's have none); set it false")
+        if self.qk_norm:
+            raise ConfigError("model.qk_norm: MLA already normalises its latents; qk_norm applies to GQA only")
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -184,12 +284,19 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["layer_mlp"] = list(self.layer_mlp)
-        if self.moe is None:
-            del data["moe"]
+        for section in ("moe", "mla", "yarn"):  # absent sections keep older config.json files unchanged
+            if getattr(self, section) is None:
+                del data[section]
         return data
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        """Bytes of keys and values cached per token over all layers (default: 2 bytes, bf16)."""
+        """Bytes cached per token over all layers (default: 2 bytes, bf16).
+
+        GQA caches keys and values, 2 * n_kv_head * head_dim values per layer; MLA caches its
+        latent and shared rotary key, kv_lora_rank + qk_rope_head_dim values per layer.
+        """
+        if self.mla is not None:
+            return bytes_per_value * self.n_layer * (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim)
         return bytes_per_value * self.n_layer * 2 * self.n_kv_head * self.head_dim
 
 
@@ -273,5 +380,111 @@ PRESETS |= {
         tie_embeddings=True,
         layer_mlp=("moc",) * 6,
         moe=dict(n_experts=4, top_k=2, d_expert=192, moc_heads=4, aux_loss_weight=0.01, diversity_loss_weight=0.01),
+    ),
+}
+
+# DeepSeek-V2/V3 ("dragão", seed 000): MLA attention, DeepSeekMoE layers after a few dense
+# ones, YaRN-extended RoPE, RMSNorm eps 1e-6, untied embeddings. Shapes are those of the
+# public config.json files; d_shared = n_shared_experts * moe_intermediate_size. Every
+# config says max_position_embeddings 163840 (4096 * YaRN factor 40) although DeepSeek
+# announces 32K (V2-Lite) and 128K (V2, V3) of usable context; seed 000 asks for 16K
+# (16B, 236B) and 128K (671B). The presets keep the configs' value.
+_DEEPSEEK = dict(max_seq_len=163840, norm_eps=1e-6, rope_theta=10000.0, tie_embeddings=False)
+_DEEPSEEK_MLA = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+_DEEPSEEK_V2_YARN = dict(factor=40.0, original_max_seq_len=4096, mscale=0.707, mscale_all_dim=0.707)
+# V2's configs train with a sequence-wise balance loss (aux_loss_alpha 0.001, seq_aux true).
+_DEEPSEEK_V2_MOE = dict(scoring="softmax", norm_topk=False, seq_aux_loss_weight=0.001)
+PRESETS |= {
+    # DeepSeek-V2-Lite, 15.7B total / 2.4B active:
+    # https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json
+    "dragao-16b": dict(
+        _DEEPSEEK,
+        vocab_size=102400,
+        n_layer=27,
+        d_model=2048,
+        n_head=16,
+        d_ff=10944,
+        first_dense_layers=1,
+        mla=dict(_DEEPSEEK_MLA, q_lora_rank=None),
+        moe=dict(_DEEPSEEK_V2_MOE, n_experts=64, top_k=6, d_expert=1408, d_shared=2 * 1408),
+        yarn=_DEEPSEEK_V2_YARN,
+    ),
+    # DeepSeek-V2, 236B total / 21B active: https://huggingface.co/deepseek-ai/DeepSeek-V2/blob/main/config.json
+    # V2 ranks its 8 device groups by their best expert score (topk_method group_limited_greedy);
+    # mistura's router ranks groups by the sum of their two best (V3's rule), so routing differs.
+    "dragao-236b": dict(
+        _DEEPSEEK,
+        vocab_size=102400,
+        n_layer=60,
+        d_model=5120,
+        n_head=128,
+        d_ff=12288,
+        first_dense_layers=1,
+        mla=dict(_DEEPSEEK_MLA, q_lora_rank=1536),
+        moe=dict(
+            _DEEPSEEK_V2_MOE,
+            n_experts=160,
+            top_k=6,
+            d_expert=1536,
+            d_shared=2 * 1536,
+            n_groups=8,
+            topk_groups=3,
+            route_scale=16.0,
+        ),
+        yarn=_DEEPSEEK_V2_YARN,
+    ),
+    # DeepSeek-V3, 671B total / 37B active without its multi-token-prediction module:
+    # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json; the balancing
+    # rates (bias speed 0.001, sequence-wise loss 1e-4) are the V3 report's (arXiv:2412.19437).
+    "dragao-671b": dict(
+        _DEEPSEEK,
+        vocab_size=129280,
+        n_layer=61,
+        d_model=7168,
+        n_head=128,
+        d_ff=18432,
+        first_dense_layers=3,
+        mla=dict(_DEEPSEEK_MLA, q_lora_rank=1536),
+        moe=dict(
+            n_experts=256,
+            top_k=8,
+            d_expert=2048,
+            d_shared=2048,
+            scoring="sigmoid",
+            norm_topk=True,
+            n_groups=8,
+            topk_groups=4,
+            route_scale=2.5,
+            balance_bias_rate=0.001,
+            seq_aux_loss_weight=1e-4,
+        ),
+        yarn=dict(factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0),
+    ),
+    # DeepSeek-V3's architecture at CPU scale: MLA with a query bottleneck, a dense first layer,
+    # then 16 fine-grained experts (3 active) in 4 groups (2 eligible per token) plus a shared
+    # one, sigmoid scores, auxiliary-loss-free balancing. No YaRN (set model.yarn to extend
+    # the context). Embeddings are tied, as in the other CPU presets: at this width an untied
+    # head would add a quarter to the model.
+    "dragao-tiny": dict(
+        n_layer=6,
+        d_model=256,
+        n_head=8,
+        d_ff=768,
+        norm_eps=1e-6,
+        tie_embeddings=True,
+        first_dense_layers=1,
+        mla=dict(q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+        moe=dict(
+            n_experts=16,
+            top_k=3,
+            d_expert=64,
+            d_shared=64,
+            scoring="sigmoid",
+            norm_topk=True,
+            n_groups=4,
+            topk_groups=2,
+            balance_bias_rate=0.01,
+            seq_aux_loss_weight=1e-4,
+        ),
     ),
 }

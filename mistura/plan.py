@@ -12,6 +12,7 @@ the active count: a token's FLOPs grow with the experts it uses, not with all of
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ def plan(
     return Plan(FLOPS_PER_PARAM_TOKEN * n * d, n, d, preset, preset_params)
 
 
+@functools.cache
 def preset_active_params() -> dict[str, int]:
     """Active parameters per token of every preset, counted on the meta device (no memory)."""
     from mistura.model import Transformer

@@ -52,7 +52,7 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            attn_mask=_prefix_causal_mask(start, T, x.device) if start and T > 1 else None,
+            attn_mask=prefix_causal_mask(start, T, x.device) if start and T > 1 else None,
             is_causal=start == 0 and T > 1,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def _prefix_causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
+def prefix_causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
     """(T, start + T) boolean mask: query i, at absolute position start + i, sees keys 0 .. start + i."""
     rows = torch.arange(start, start + length, device=device)[:, None]
     cols = torch.arange(start + length, device=device)[None, :]

@@ -1,9 +1,16 @@
-"""KV cache for incremental decoding.
+"""Caches for incremental decoding.
 
-One preallocated buffer holds the keys and values of every layer. Each forward pass
-with a cache writes the new tokens' keys/values at positions [pos, pos + T) and
-attends over [0, pos + T); the model then advances `pos`. Nothing is reallocated or
-copied while decoding.
+Each forward pass with a cache writes the new tokens' entries at positions
+[pos, pos + T) of preallocated buffers and attends over [0, pos + T); the model then
+advances `pos`. Nothing is reallocated or copied while decoding. Two kinds:
+
+- `KVCache`: per-head keys and values, what grouped-query attention (and MLA's naive
+  path) attends over.
+- `LatentCache`: MLA's compressed cache, the latent and the shared rotary key of each
+  token, kv_lora_rank + qk_rope_head_dim values per token and layer, from which the
+  absorbed path attends without ever expanding per-head keys and values.
+
+The attention module picks its path by the kind of cache it is given.
 """
 
 from __future__ import annotations
@@ -11,10 +18,29 @@ from __future__ import annotations
 import torch
 
 from mistura.config import ModelConfig
+from mistura.errors import ConfigError
 
 
-class KVCache:
-    """Keys and values for `n_layer` layers: each buffer is (L, B, H_kv, max_len, D)."""
+class Cache:
+    """Where decoding stands: tokens [0, pos) are cached, out of room for max_len."""
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.pos = 0
+
+    def advance(self, length: int) -> None:
+        self.pos += length
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class KVCache(Cache):
+    """Keys and values for `n_layer` layers: buffers (L, B, H_kv, max_len, D_k) and (L, B, H_kv, max_len, D_v).
+
+    D_k = D_v = head_dim for grouped-query attention; with MLA, keys have
+    qk_nope_head_dim + qk_rope_head_dim channels and values v_head_dim.
+    """
 
     def __init__(
         self,
@@ -24,11 +50,12 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.pos = 0
+        super().__init__(max_len)
+        mla = config.mla
+        k_dim, v_dim = (mla.qk_head_dim, mla.v_head_dim) if mla else (config.head_dim, config.head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len)
+        self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) for `layer`; return all keys and values so far (B, H_kv, pos + T, D)."""
@@ -37,8 +64,33 @@ class KVCache:
         self.v[layer, :, :, self.pos : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def advance(self, length: int) -> None:
-        self.pos += length
 
-    def reset(self) -> None:
-        self.pos = 0
+class LatentCache(Cache):
+    """MLA's latent c_kv (L, B, max_len, kv_lora_rank) and roped shared key k_pe (L, B, max_len, D_rope).
+
+    Both are views of one buffer (L, B, max_len, kv_lora_rank + D_rope), so `update` hands
+    the absorbed attention its keys [c_kv, k_pe] in one piece, and their first
+    kv_lora_rank channels are its values, without a copy.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        if config.mla is None:
+            raise ConfigError("LatentCache: the model has no latent attention (model.mla); use KVCache")
+        super().__init__(max_len)
+        rank, rope_dim = config.mla.kv_lora_rank, config.mla.qk_rope_head_dim
+        self.latent = torch.zeros(config.n_layer, batch_size, max_len, rank + rope_dim, dtype=dtype, device=device)
+        self.c_kv, self.k_pe = self.latent[..., :rank], self.latent[..., rank:]  # slices: views that accept writes
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
+        """Store c_kv (B, T, r) and k_pe (B, T, D_rope) for `layer`; return all [c_kv, k_pe] (B, pos + T, r + D_r)."""
+        end = self.pos + c_kv.shape[1]
+        self.c_kv[layer, :, self.pos : end] = c_kv
+        self.k_pe[layer, :, self.pos : end] = k_pe
+        return self.latent[layer, :, :end]

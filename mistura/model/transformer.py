@@ -4,7 +4,8 @@
     Block: x = x + attn(norm(x)); x = x + mlp(norm(x))
 
 The same class expresses GPT-2 (LayerNorm, GELU, learned positions, biases, tied
-embeddings) and Llama (RMSNorm, SwiGLU, RoPE, GQA, no biases); `ModelConfig` picks.
+embeddings), Llama (RMSNorm, SwiGLU, RoPE, GQA, no biases) and DeepSeek-V2/V3 (latent
+attention, YaRN, DeepSeekMoE layers); `ModelConfig` picks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mistura.config import ModelConfig
 from mistura.errors import ConfigError
 from mistura.infer.sampling import check_sampling, sample_next
 from mistura.model.attention import Attention
-from mistura.model.cache import KVCache
+from mistura.model.cache import Cache, KVCache, LatentCache
+from mistura.model.mla import MultiHeadLatentAttention
 from mistura.model.mlp import dense_mlp
 from mistura.model.moe import CollaborativeExperts, GroupedExperts, MoEAux, MoELayer, Router
 from mistura.model.norm import RMSNorm, build_norm
@@ -34,7 +36,7 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = build_norm(config)
-        self.attn = Attention(config, layer)
+        self.attn = MultiHeadLatentAttention(config, layer) if config.mla is not None else Attention(config, layer)
         self.mlp_norm = build_norm(config)
         self.routed = config.layer_mlp[layer] != "dense"
         self.mlp = LAYER_MLPS[config.layer_mlp[layer]](config)
@@ -55,7 +57,9 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         learned = config.position == "learned"
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
-        self.rope = None if learned else RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.rope = (
+            None if learned else RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.yarn)
+        )
         self.emb_dropout = nn.Dropout(config.resid_dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
@@ -101,7 +105,7 @@ class Transformer(nn.Module):
                 module.reset_parameters()
 
     def forward(
-        self, idx: torch.Tensor, cache: KVCache | None = None, return_aux: bool = False
+        self, idx: torch.Tensor, cache: Cache | None = None, return_aux: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, list[MoEAux]]:
         """Logits (B, T, V) for token ids idx (B, T); with a cache, idx continues the cached tokens.
 
@@ -136,6 +140,10 @@ class Transformer(nn.Module):
 
         A token uses every parameter except the routed experts it is not sent to: in a
         MoE layer only top_k of the n_experts experts' weights are active.
+        `active_non_embedding` also leaves out the input lookup tables (token and learned
+        position embeddings), of which a token reads a single row; a tied table stays in,
+        as the lm_head multiplies by all of it. DeepSeek's "activated parameters" count
+        this way (lm_head in, input embedding out).
         """
         total = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
         embedding = sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb) if m is not None)
@@ -144,7 +152,9 @@ class Transformer(nn.Module):
             if isinstance(module, MoELayer):
                 per_expert = sum(p[0].numel() for p in module.experts.parameters())
                 inactive += (module.config.n_experts - module.config.top_k) * per_expert
-        return {"total": total, "active": total - inactive, "embedding": embedding}
+        lookup = embedding - (self.tok_emb.weight.numel() if self.config.tie_embeddings else 0)
+        active = total - inactive
+        return {"total": total, "active": active, "active_non_embedding": active - lookup, "embedding": embedding}
 
     def balance_step(self) -> None:
         """After an optimizer step: move each router's selection bias toward equal expert load."""
@@ -152,16 +162,21 @@ class Transformer(nn.Module):
             if isinstance(module, Router):
                 module.balance_step()
 
-    def _check_length(self, end: int, cache: KVCache | None) -> None:
+    def _check_length(self, end: int, cache: Cache | None) -> None:
         if end > self.config.max_seq_len:
             raise ConfigError(f"sequence of {end} tokens exceeds the model's max_seq_len={self.config.max_seq_len}")
         if cache is not None and end > cache.max_len:
             raise ConfigError(f"sequence of {end} tokens exceeds the KV cache length {cache.max_len}")
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache on this model's device and dtype, for up to max_len (default max_seq_len) tokens."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, latent: bool = True) -> Cache:
+        """A cache on this model's device and dtype, for up to max_len (default max_seq_len) tokens.
+
+        MLA models get a LatentCache (the absorbed path) unless latent=False asks for the
+        expanded per-head KVCache (the naive path); other models always get a KVCache.
+        """
         param = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device)
+        kind = LatentCache if self.config.mla is not None and latent else KVCache
+        return kind(self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device)
 
     @torch.no_grad()
     def generate(
