@@ -5,6 +5,11 @@
     <dir>/tokenizer.json      the tokenizer the model was trained with
     <dir>/manifest.json       byte size and sha256 of every other file, written last
 
+A large model's weights may instead come in shards, `model-00001-of-0000N.safetensors`
+and so on, listed by `model.safetensors.index.json`: Hugging Face's layout, which
+conversions write (see mistura.convert.shards); training writes the single file. Loading
+reads either, one tensor at a time, and the manifest covers every shard and the index.
+
 Training runs add their state files (see mistura.train.state). A run directory keeps
 its checkpoints as `<run>/checkpoints/step-XXXXXXX`; anything that takes a checkpoint
 also takes the run directory and uses its latest checkpoint.
@@ -30,13 +35,14 @@ from tokenizers import Tokenizer
 
 from mistura.atomic import atomic_directory
 from mistura.config import ModelConfig
-from mistura.convert.hf import from_hf
+from mistura.convert.shards import WeightFiles
 from mistura.data.tokenizer import load_tokenizer as read_tokenizer
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
 
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"
+WEIGHTS_METADATA = {"format": "pt", "mistura": "1"}
 
 
 @contextmanager
@@ -83,19 +89,26 @@ def verify(directory: Path) -> None:
 
 def write_model(directory: Path, model: Transformer, tokenizer_file: Path | None = None) -> None:
     """Write config.json, model.safetensors and (if given) tokenizer.json into `directory`."""
-    config = model.config
-    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
-    save_file(weights_of(model), directory / "model.safetensors", metadata={"format": "pt", "mistura": "1"})
+    write_config(directory, model.config)
+    save_file(weights_of(model), directory / "model.safetensors", metadata=WEIGHTS_METADATA)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
 
 
+def write_config(directory: Path, config: ModelConfig) -> None:
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2), encoding="utf-8")
+
+
 def weights_of(model: Transformer) -> dict[str, torch.Tensor]:
     """The tensors to store: the state dict on the CPU, a tied lm_head stored once (as tok_emb)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        del state["lm_head.weight"]
-    return state
+    state = model.state_dict()
+    return {name: state[name].detach().contiguous().cpu() for name in stored_names(model)}
+
+
+def stored_names(model: Transformer) -> list[str]:
+    """The state-dict names a checkpoint stores: all but a tied lm_head, which is tok_emb."""
+    tied = model.config.tie_embeddings
+    return [name for name in model.state_dict() if not (tied and name == "lm_head.weight")]
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer_file: Path | None = None) -> Path:
@@ -129,15 +142,35 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
     """Load a checkpoint, a run's latest checkpoint or a Hugging Face folder as a ready model in eval mode."""
     directory = resolve(path)
     if is_hugging_face(directory):
+        from mistura.convert.hf import from_hf  # the converters build on this module
+
         return from_hf(directory).to(device=device, dtype=dtype)
     verify(directory)
+    model = Transformer(read_config(directory))
+    load_weights(directory, model)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """The model config of a checkpoint directory; a bad one is a CheckpointError naming the file."""
     try:
-        config = ModelConfig.from_json(directory / "config.json")
+        return ModelConfig.from_json(directory / "config.json")
     except ConfigError as err:
         raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
-    model = Transformer(config)
-    model.load_state_dict(read_weights(directory / "model.safetensors", model))
-    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def load_weights(directory: Path, model: Transformer) -> None:
+    """Copy a checkpoint's weights into `model`: model.safetensors, or the shards its index lists.
+
+    Every name and shape is checked before the first copy; then one tensor at a time is
+    read, so loading needs little memory beyond the model's.
+    """
+    state = model.state_dict()
+    with WeightFiles(directory) as files:
+        check_shapes(files.shapes, {name: tuple(state[name].shape) for name in stored_names(model)}, str(directory))
+        for name in files.shapes:
+            state[name].copy_(files.read(name))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -174,17 +207,25 @@ def complete_weights(state: dict[str, torch.Tensor], model: Transformer, where: 
 
 def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: str) -> None:
     """Raise CheckpointError naming missing, unexpected or mis-shaped tensors."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    check_shapes(
+        {name: tuple(tensor.shape) for name, tensor in state.items()},
+        {name: tuple(tensor.shape) for name, tensor in expected.items()},
+        where,
+    )
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """`check_state` on names and shapes alone, as a file's header gives them."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing:
         raise CheckpointError(f"{where}: missing tensor(s) {_some(missing)} for this model config")
     if unexpected:
         raise CheckpointError(f"{where}: unexpected tensor(s) {_some(unexpected)} for this model config")
-    for name, tensor in state.items():
-        if tensor.shape != expected[name].shape:
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(expected[name]):
             raise CheckpointError(
-                f"{where}: tensor '{name}' has shape {tuple(tensor.shape)}, "
-                f"the config expects {tuple(expected[name].shape)}"
+                f"{where}: tensor '{name}' has shape {tuple(shape)}, the config expects {tuple(expected[name])}"
             )
 
 

@@ -83,12 +83,15 @@ def cmd_params(args: argparse.Namespace) -> None:
         raise ConfigError(f"'{args.config}' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
     with torch.device("meta"):
         counts = Transformer(config).parameter_counts()
+    yarn = config.yarn
     rows = [
         ("model", config.name),
         ("layers", describe_layers(config)),
+        ("context", f"{config.max_seq_len:,} tokens" + (f" (YaRN x{yarn.factor:g})" if yarn else "")),
         ("total parameters", f"{counts['total']:,}"),
         ("active parameters per token", f"{counts['active']:,}"),
         ("  of which embeddings", f"{counts['embedding']:,}"),
+        ("active without input embedding", f"{counts['active_non_embedding']:,}"),
         ("KV cache per token (bf16)", f"{config.kv_cache_bytes_per_token(2):,} bytes"),
         ("KV cache per token (fp32)", f"{config.kv_cache_bytes_per_token(4):,} bytes"),
     ]
@@ -105,15 +108,81 @@ def cmd_plan(args: argparse.Namespace) -> None:
     print(describe(plan(args.flops, args.tokens, args.params, args.tokens_per_param)))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    import shlex
+
+    from mistura.compare.runner import compare
+    from mistura.compare.suite import load_suite
+    from mistura.fields import parse_overrides
+
+    suite = load_suite(args.configs, parse_overrides(args.set))
+    flags = [*(f"--set={s}" for s in args.set), *(["--match", args.match] if args.match else [])]
+    command = shlex.join(["mistura", "compare", *args.configs, "--out", args.out, *flags])
+    compare(suite, args.out, match=args.match, progress=not args.no_progress, command=command)
+
+
 def describe_layers(config) -> str:
-    """E.g. "6: 1 dense, 5 moe (16 experts of width 192, top-3, shared 192)"."""
+    """E.g. "6: 1 dense, 5 moe (16 experts of width 192, top-3, shared 192)", then MLA's shape if any."""
     kinds = {kind: config.layer_mlp.count(kind) for kind in dict.fromkeys(config.layer_mlp)}
     text = f"{config.n_layer}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
     if config.moe is not None:
         moe = config.moe
         shared = f", shared {moe.d_shared}" if moe.d_shared else ""
         text += f" ({moe.n_experts} experts of width {moe.d_expert}, top-{moe.top_k}{shared})"
+    if config.mla is not None:
+        mla = config.mla
+        query = f", query rank {mla.q_lora_rank}" if mla.q_lora_rank else ""
+        text += f"; MLA, {config.n_head} heads, latent {mla.kv_lora_rank} + rope {mla.qk_rope_head_dim}{query}"
     return text
+
+
+def cmd_convert_from_hf(args: argparse.Namespace) -> None:
+    from mistura.convert.hf import from_hf
+
+    out = from_hf(
+        args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress
+    )
+    print(f"mistura checkpoint written to {out}")
+
+
+def cmd_convert_to_hf(args: argparse.Namespace) -> None:
+    from mistura.convert.hf import to_hf
+
+    out = to_hf(
+        args.checkpoint,
+        args.out_dir,
+        model_type=args.model_type,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
+    )
+    print(f"Hugging Face folder written to {out}; load it with AutoModelForCausalLM.from_pretrained")
+
+
+def add_convert_parser(sub: argparse._SubParsersAction) -> None:
+    """`mistura convert KIND ...`: one subcommand per conversion."""
+    p = sub.add_parser("convert", help="convert checkpoints between mistura and Hugging Face formats")
+    kinds = p.add_subparsers(dest="conversion", required=True)
+
+    c = kinds.add_parser("from-hf", help="a Hugging Face folder (config.json + safetensors) to a mistura checkpoint")
+    c.add_argument("hf_dir", help="Hugging Face model folder")
+    c.add_argument("out_dir", help="new checkpoint directory")
+    c.add_argument("--dtype", help="cast the weights: bf16, fp16 or fp32 (default: keep the stored dtypes)")
+    _add_conversion_options(c)
+    c.set_defaults(func=cmd_convert_from_hf)
+
+    c = kinds.add_parser("to-hf", help="a mistura checkpoint or run to a Hugging Face folder for transformers")
+    c.add_argument("checkpoint", help="checkpoint or run directory")
+    c.add_argument("out_dir", help="new Hugging Face folder")
+    c.add_argument(
+        "--model-type", help="Hugging Face model_type to write, e.g. mistral (default: the architecture's own)"
+    )
+    _add_conversion_options(c)
+    c.set_defaults(func=cmd_convert_to_hf)
+
+
+def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weights file, e.g. 5GB, 500MB (default: 5GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--params", type=float, help="active parameters N of the model")
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="compute-optimal D / N (Chinchilla: ~20)")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("compare", help="train several models on the same data and budget: metrics, plots, report")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="one suite YAML (with runs:) or several run configs")
+    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument(
+        "--match",
+        choices=["active", "flops"],
+        help="scale each run's MLP widths so its active parameters or FLOPs per token match the first run's",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite field: train.max_steps=50"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compare)
+    add_convert_parser(sub)
     return parser
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mistura
-from mistura.checkpoint import checkpoint_directory, save_model
+from mistura.checkpoint import checkpoint_directory, save_model, weights_of, write_config
+from mistura.convert.shards import write_weights
 from mistura.errors import CheckpointError, DataError
 from mistura.model import Transformer
 
@@ -96,3 +97,51 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path, tiny):
     (directory / "tokenizer.json").unlink()
     with pytest.raises(DataError, match="tokenizer"):
         mistura.load_tokenizer(directory)
+
+
+@pytest.fixture
+def sharded(tmp_path, tiny):
+    """A checkpoint whose weights are split in shards of at most 8 KB, as conversions write them."""
+    torch.manual_seed(0)
+    model = Transformer(tiny("llama-tiny"))
+    weights = weights_of(model)
+    with checkpoint_directory(tmp_path / "sharded") as tmp:
+        write_config(tmp, model.config)
+        write_weights(tmp, {name: t.nbytes for name, t in weights.items()}, weights.__getitem__, max_shard_size="8KB")
+    return model, tmp_path / "sharded"
+
+
+def test_sharded_weights_load(sharded):
+    model, directory = sharded
+    shards = sorted(p.name for p in directory.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (directory / "model.safetensors").exists()
+    assert set(json.loads((directory / "manifest.json").read_text())) == {
+        "config.json",
+        "model.safetensors.index.json",
+        *shards,
+    }
+    loaded = mistura.load(directory)
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    x = torch.randint(0, 97, (2, 8))
+    assert torch.equal(model(x), loaded(x))
+
+
+def test_missing_shard_is_named(sharded):
+    _, directory = sharded
+    shard = sorted(directory.glob("model-*-of-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name} is missing"):
+        mistura.load(directory)
+
+
+def test_shard_mismatch_is_named_before_loading(sharded):
+    """A shard that passes the manifest but holds other shapes than the config (a hand-edited checkpoint)."""
+    _, directory = sharded
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(config | {"d_ff": 128}))
+    (directory / "manifest.json").unlink()
+    with checkpoint_directory(directory.parent / "edited") as tmp:
+        for path in directory.iterdir():
+            (tmp / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.mlp\.\w+_proj\.weight' has shape .* expects"):
+        mistura.load(directory.parent / "edited")

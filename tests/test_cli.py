@@ -1,8 +1,12 @@
 import json
 
 import pytest
+import torch
 
+import mistura
+from mistura.checkpoint import save_model
 from mistura.cli import main
+from mistura.model import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +90,55 @@ def test_train_with_bad_config_is_a_clear_error(tmp_path, capsys):
     config.write_text("model: {preset: llama-tiny, n_head: 5}\n")
     assert main(["train", str(config)]) == 2
     assert "model.n_head: 5 heads do not divide" in capsys.readouterr().err
+
+
+def test_convert_round_trip(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    config = transformers.LlamaConfig(vocab_size=64, max_position_embeddings=32, **shape)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    convert = ["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ckpt"), "--max-shard-size", "20KB"]
+    assert main([*convert, "--dtype", "fp32"]) == 0
+    assert "mistura checkpoint written to" in capsys.readouterr().out
+    assert len(list((tmp_path / "ckpt").glob("model-*-of-*.safetensors"))) > 1
+    export = ["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--model-type", "mistral"]
+    assert main([*export, "--no-progress"]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert isinstance(reloaded, transformers.MistralForCausalLM)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_convert_a_trained_run_for_transformers(trained, tmp_path):
+    """The run's latest checkpoint and its BPE tokenizer, as transformers loads them."""
+    transformers = pytest.importorskip("transformers")
+    assert main(["convert", "to-hf", str(trained), str(tmp_path / "hf"), "--no-progress"]) == 0
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "Capitu olhou para mim"
+    ids = hf_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == mistura.load_tokenizer(trained).encode(text).ids
+    torch.testing.assert_close(hf_model(ids).logits, mistura.load(trained)(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_convert_bad_input_is_a_clear_error(tmp_path, tiny, capsys):
+    moc = tiny("llama-tiny", layer_mlp=("moc", "moc"), moe=dict(n_experts=4, top_k=2, d_expert=32))
+    save_model(tmp_path / "moc", Transformer(moc))
+    cases = [
+        (["from-hf", str(tmp_path / "nope"), str(tmp_path / "out")], "no such checkpoint folder"),
+        (["from-hf", str(tmp_path / "moc"), str(tmp_path / "out")], "is a mistura checkpoint already"),
+        (["to-hf", str(tmp_path / "moc"), str(tmp_path / "out")], "collaborative experts"),
+        (["to-hf", str(tmp_path / "moc"), str(tmp_path / "out"), "--model-type", "bert"], "'bert' is not supported"),
+        (["to-hf", str(tmp_path / "moc"), str(tmp_path / "out"), "--max-shard-size", "lots"], "max_shard_size"),
+    ]
+    for args, message in cases:
+        assert main(["convert", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moc"]

@@ -1,22 +1,23 @@
-"""Import Hugging Face checkpoints: a folder with config.json and safetensors weights.
+"""Hugging Face checkpoints both ways: a folder with config.json and safetensors weights.
 
-A Hugging Face checkpoint folder holds `config.json` and the weights: one
-`model.safetensors`, or shards listed by `model.safetensors.index.json`.
+A Hugging Face folder holds `config.json` and the weights: one `model.safetensors`, or
+shards listed by `model.safetensors.index.json` (see `shards`).
 
-- `config_from_hf` turns config.json into a `ModelConfig`, with the reader that
-  `hf_models.MODEL_TYPES` holds for its `model_type`.
-- `state_dict_from_hf` expands that model type's name table (Hugging Face name ->
-  mistura name, `{i}` standing for the layer index and `{e}` for the expert index) for
-  every layer and expert. It checks that the checkpoint has exactly the expected tensors,
-  with the expected shapes, then renames each tensor, transposes those stored as
-  (in, out), splits the fused ones and stacks the experts' tensors. The expected shapes
-  come from a mistura model built on the meta device, so they cannot drift from the
-  model code.
-- `convert_state_dict` does the same for any module and table: one MoE block, say.
-- `load_hf_folder` reads a folder and does both; `from_hf` also builds the model.
+    >>> from_hf("hf/Qwen3-30B-A3B", "ckpt/qwen3", dtype="bf16")   # streaming import -> checkpoint
+    >>> to_hf("runs/quickstart", "hf/quickstart")                    # streaming export -> HF folder
+    >>> model = from_hf("hf/Qwen1.5-MoE-A2.7B")                      # in memory (what mistura.load does)
 
-    >>> model = from_hf("path/to/folder")
-    >>> config, state_dict = load_hf_folder("path/to/folder")
+The model type's entry in `hf_models.MODEL_TYPES` supplies a name table, a config reader
+and a config writer; `mapping.TensorMap` expands the table for the model and builds each
+tensor of either side from the other's. Both conversions stream: every tensor of the
+output is built from only the input tensors it needs, read lazily, and written into
+shards of at most max_shard_size bytes, one shard in memory at a time.
+
+- `config_from_hf` turns config.json into a `ModelConfig` (import); `hf_config` turns a
+  `ModelConfig` into config.json (export) and refuses any feature the model type cannot
+  express, by reading it back.
+- Import checks that the checkpoint has exactly the expected tensors, with the expected
+  shapes, before it writes anything; export checks the mistura checkpoint the same way.
 
 Weights are read with safetensors only. A pickled `pytorch_model.bin` can run arbitrary
 code while it loads, so it is refused.
@@ -25,28 +26,148 @@ code while it loads, so it is refused.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, overload
 
 import torch
-from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
 from torch import nn
 
+from mistura.atomic import atomic_directory
+from mistura.checkpoint import (
+    MANIFEST,
+    WEIGHTS_METADATA,
+    check_shapes,
+    checkpoint_directory,
+    is_hugging_face,
+    read_config,
+    resolve,
+    verify,
+    write_config,
+)
 from mistura.config import ModelConfig
-from mistura.convert.hf_models import Names, find_model_type
+from mistura.convert.hf_models import find_model_type, model_type_for
+from mistura.convert.mapping import Names, Read, TensorMap, some
+from mistura.convert.shards import (
+    DEFAULT_SHARD_SIZE,
+    WeightFiles,
+    parse_dtype,
+    parse_size,
+    tensor_bytes,
+    write_weights,
+)
+from mistura.data.tokenizer import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
 
 Tensors = dict[str, torch.Tensor]
-Shapes = dict[str, tuple[int, ...]]
+
+# Tokenizer files that travel with the weights, both ways.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A mistura tokenizer's special tokens, by the names Hugging Face gives their roles.
+SPECIAL_TOKENS = {"pad": (PAD, PAD_ID), "bos": (BOS, BOS_ID), "eos": (EOS, EOS_ID)}
+
+# Fields that do not change what a model computes once trained: its name, initialisation,
+# dropout, and the MoE options that act only in training (capacity drops assignments in
+# training mode only; evaluation is dropless, as Hugging Face's models are).
+_TRAINING_ONLY = {"name", "init_std", "scaled_init", "attn_dropout", "resid_dropout", "mlp_dropout",
+                  "first_dense_layers"}  # fmt: skip
+_MOE_TRAINING_ONLY = {"capacity_factor", "balance_bias_rate", "aux_loss_weight", "seq_aux_loss_weight", "z_loss_weight",
+                      "entropy_weight", "diversity_loss_weight"}  # fmt: skip
 
 
-def from_hf(path: str | Path) -> Transformer:
-    """An fp32 mistura `Transformer`, in eval mode, with the weights of a Hugging Face folder."""
-    config, state_dict = load_hf_folder(path)
-    model = Transformer(config)
-    model.load_state_dict(state_dict, strict=True)
-    return model.eval()
+@overload
+def from_hf(hf_dir: str | Path, *, dtype: torch.dtype | str | None = None) -> Transformer: ...
+
+
+@overload
+def from_hf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    progress: bool = False,
+) -> Path: ...
+
+
+def from_hf(hf_dir, out_dir=None, *, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, progress=False):
+    """Import a Hugging Face folder: as a mistura `Transformer` in memory, in eval mode (fp32
+    unless `dtype`), or with `out_dir` into a mistura checkpoint directory, one tensor at a time.
+
+    Converting, each mistura tensor is read from just the Hugging Face tensors it needs (a
+    layer's stacked experts read that layer's expert tensors) and written into shards of
+    at most max_shard_size bytes ("5GB", "500MB" or a count). Tensors keep their dtype
+    unless `dtype` ("bf16", torch.float32, ...) is given. The tokenizer files come along.
+    The checkpoint appears whole or not at all.
+    """
+    cast, limit = parse_dtype(dtype), parse_size(max_shard_size)
+    if out_dir is None:
+        config, state_dict = load_hf_folder(hf_dir)
+        model = Transformer(config)
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(dtype=cast).eval()
+    folder, model_type, config, mapped = _open_hf(hf_dir)
+    out = _new_folder(out_dir, folder)
+    with WeightFiles(folder) as files:
+        read, stored_dtype = _hf_reader(files, mapped, find_model_type(model_type).prefix)
+        dtypes = {name: cast or stored_dtype(sources[0]) for name, sources in mapped.feeds.items()}
+        dtypes |= {name: cast or files.main_dtype() for name in mapped.unfed}  # buffers no Hugging Face tensor holds
+        sizes = {name: tensor_bytes(shape, dtypes[name]) for name, shape in mapped.shapes.items()}
+        with checkpoint_directory(out) as tmp:
+            write_config(tmp, config)
+            write_weights(
+                tmp, sizes, lambda name: mapped.ours(name, read).to(dtypes[name]), limit, WEIGHTS_METADATA, progress
+            )
+            _copy_tokenizer(folder, tmp)
+    return out
+
+
+def to_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    model_type: str | None = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    progress: bool = False,
+) -> Path:
+    """Write a mistura checkpoint (or a run's latest) as a Hugging Face folder that
+    `AutoModelForCausalLM.from_pretrained` loads with no custom code.
+
+    The model type is the one the architecture calls for (`model_type_for`) unless
+    `model_type` names an equivalent one (mistral for a Llama-shaped model, say). A
+    feature that the model type cannot express raises ConfigError naming it, before
+    anything is written. Tensors stream as in `from_hf` and keep their dtype, which
+    config.json states. A mistura tokenizer.json comes along with a tokenizer_config.json,
+    so `AutoTokenizer` loads it too.
+    """
+    limit = parse_size(max_shard_size)
+    directory = resolve(checkpoint)
+    if is_hugging_face(directory):
+        raise CheckpointError(f"{directory} is already a Hugging Face folder")
+    out = _new_folder(out_dir, directory)
+    verify(directory)
+    config = read_config(directory)
+    model_type = model_type or model_type_for(config)
+    written = hf_config(config, model_type)
+    mapped = tensor_map(model_type, config)
+    with WeightFiles(directory) as files:
+        check_shapes(files.shapes, mapped.shapes, str(directory))
+        for name in mapped.unfed:
+            if files.read(name).count_nonzero():
+                raise ConfigError(f"{name} is not zero, and Hugging Face's {model_type} has no tensor to hold it")
+        sizes = {
+            name: tensor_bytes(mapped.hf_shape(name), files.dtype(mapped.rules[name].targets[0]))
+            for name in mapped.hf_names()
+        }
+        with atomic_directory(out) as tmp:
+            token_ids = _export_tokenizer(directory, tmp, config)
+            written |= {"dtype": str(files.main_dtype()).removeprefix("torch."), **token_ids}
+            (tmp / "config.json").write_text(json.dumps(written, indent=2), encoding="utf-8")
+            write_weights(tmp, sizes, lambda name: mapped.theirs(name, files.read), limit, {"format": "pt"}, progress)
+    return out
 
 
 def load_hf_folder(path: str | Path) -> tuple[ModelConfig, Tensors]:
@@ -55,12 +176,10 @@ def load_hf_folder(path: str | Path) -> tuple[ModelConfig, Tensors]:
     Tensors keep the checkpoint's dtype. A problem with the files raises CheckpointError;
     a config that mistura cannot express raises ConfigError.
     """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
-    hf_config = _read_json(folder / "config.json")
-    config = config_from_hf(hf_config)
-    return config, state_dict_from_hf(hf_config["model_type"], _read_weights(folder), config)
+    folder, model_type, config, mapped = _open_hf(path)
+    with WeightFiles(folder) as files:
+        read, _ = _hf_reader(files, mapped, find_model_type(model_type).prefix)
+        return config, _state_dict(mapped, read)
 
 
 def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
@@ -73,21 +192,53 @@ def config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
     router_aux_loss_coef weighs a balance loss top_k times mistura's `balance_loss`.)
     Options missing from the dict take the defaults of the Hugging Face config class.
     """
+    quantization = hf_config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        if method == "fp8":
+            raise ConfigError(
+                "the weights are FP8-quantised (quantization_config.quant_method 'fp8'): "
+                "convert them to bf16 first with `mistura convert fp8-to-bf16 HF_DIR OUT_DIR`"
+            )
+        raise ConfigError(f"quantised checkpoints (quant_method {method!r}) are not supported")
     return find_model_type(hf_config.get("model_type")).read_config(hf_config)
 
 
-def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -> Tensors:
-    """Hugging Face `tensors` renamed and reshaped into a state dict of `Transformer(config)`.
+def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, Any]:
+    """The Hugging Face config.json of `config` as `model_type` (default: `model_type_for`),
+    without dtype and token ids.
 
-    Checkpoints of the bare base model (`GPT2Model`, `LlamaModel`) load too. The rules are
-    `convert_state_dict`'s.
+    What the writer wrote is read back with the importer's reader: any field that changes
+    what the model computes and does not come back the same raises ConfigError naming it,
+    so export never builds a slightly different model in silence.
     """
+    model_type = model_type or model_type_for(config)
+    hf_type = find_model_type(model_type)
+    moc = [i for i, kind in enumerate(config.layer_mlp) if kind == "moc"]
+    if moc:
+        raise ConfigError(f"collaborative experts (layer kind 'moc', layers {moc}) have no Hugging Face equivalent")
+    written = {"architectures": [hf_type.architecture], "model_type": model_type, **hf_type.write_config(config)}
+    try:
+        read_back = hf_type.read_config(written)
+    except ConfigError as err:
+        raise ConfigError(f"cannot export as Hugging Face's {model_type}: {err}") from err
+    ours, theirs = _computed_fields(config), _computed_fields(read_back)
+    lost = [f"{key}={ours.get(key)!r}" for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key)]
+    if lost:
+        raise ConfigError(
+            f"Hugging Face's {model_type} cannot express {some(sorted(lost), 5)} "
+            "(choose another model type, or a config without these features)"
+        )
+    return written
+
+
+def tensor_map(model_type: str, config: ModelConfig) -> TensorMap:
+    """The name table of `model_type` expanded for `Transformer(config)`."""
     hf_type = find_model_type(model_type)
     with torch.device("meta"):  # allocates nothing and runs no init
         model = Transformer(config)
-    return convert_state_dict(
+    return TensorMap.build(
         model,
-        _with_prefix(tensors, hf_type.prefix),
         hf_type.names,
         n_layer=config.n_layer,
         n_experts=config.moe.n_experts if config.moe is not None else 0,
@@ -97,152 +248,117 @@ def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -
     )
 
 
-def convert_state_dict(
-    module: nn.Module,
-    tensors: Tensors,
-    names: Names,
-    *,
-    n_layer: int = 0,
-    n_experts: int = 0,
-    transposed: frozenset[str] = frozenset(),
-    ignored: tuple[str, ...] = (),
-    source: str = "the checkpoint",
-) -> Tensors:
-    """Hugging Face `tensors` renamed and reshaped by the name table `names` into a state dict of `module`.
+def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -> Tensors:
+    """Hugging Face `tensors` renamed and reshaped into a state dict of `Transformer(config)`.
 
-    `{i}` in the table runs over n_layer layers, `{e}` over n_experts experts; `transposed`
-    and `ignored` list templates of tensors stored as (in, out) and of buffers that hold no
-    weights. Only the shapes of `module` are read, so it may live on the meta device.
-
-    Every parameter must come from exactly one checkpoint tensor of the expected shape,
-    and every checkpoint tensor must be used, otherwise CheckpointError names the tensor.
-    With tied parameters (GPT-2's head is its embedding) a stored copy is skipped, as
-    Hugging Face does. A persistent buffer that the table gives no source is zero: the
-    router's selection bias, which only DeepSeek-V3 checkpoints hold (zero selects plain top-k).
+    Checkpoints of the bare base model (`GPT2Model`, `LlamaModel`) load too.
     """
-    shapes, tied, buffers = _expected_shapes(module)
-    rules = _expand(names, n_layer, n_experts)
-    required = {hf: rule for hf, rule in rules.items() if all(t in shapes for t in rule.targets)}
-    _check_covered(source, [name for name in shapes if name not in buffers], required)
-    # Stored copies of tied parameters, and buffers that hold no weights.
-    skipped = {hf for hf, rule in rules.items() if all(t in tied for t in rule.targets)}
-    skipped |= {name.format(i=i) for name in ignored for i in range(n_layer)}
-    _check_names(tensors, required, skipped)
-    state_dict = _renamed(tensors, required, shapes, transposed)
-    state_dict |= {name: torch.zeros(shapes[name]) for name in buffers - state_dict.keys()}
-    return state_dict | {alias: state_dict[owner] for alias, owner in tied.items()}
+    stored = _hf_names(tensors, find_model_type(model_type).prefix)
+    return _from_tensors(tensor_map(model_type, config), {name: tensors[s] for name, s in stored.items()})
+
+
+def convert_state_dict(module: nn.Module, tensors: Tensors, names: Names, **options: Any) -> Tensors:
+    """Hugging Face `tensors` renamed and reshaped by the name table `names` into a state dict
+    of `module` (one MoE block, say); `options` are `TensorMap.build`'s."""
+    return _from_tensors(TensorMap.build(module, names, **options), tensors)
 
 
 # ---------------------------------------------------------------------------------------
-# Mapping and checking tensors.
+# Helpers.
 
 
-class Rule(NamedTuple):
-    """Where one concrete Hugging Face tensor goes."""
-
-    template: str  # its name in the table, with `{i}` and `{e}`
-    targets: tuple[str, ...]  # the mistura tensors it holds, in order along dim 0
-    expert: int | None  # with `{e}`: the slice of the stacked targets it fills
-
-
-def _expected_shapes(module: nn.Module) -> tuple[Shapes, dict[str, str], set[str]]:
-    """Shapes of the parameters and persistent buffers of `module`, its tied names
-    (alias -> owner), and which names are buffers."""
-    shapes: Shapes = {}
-    tied: dict[str, str] = {}
-    owners: dict[int, str] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        if id(param) in owners:
-            tied[name] = owners[id(param)]
-        else:
-            owners[id(param)] = name
-            shapes[name] = tuple(param.shape)
-    buffers = {name for name in module.state_dict(keep_vars=True) if name not in shapes and name not in tied}
-    shapes |= {name: tuple(module.get_buffer(name).shape) for name in buffers}
-    return shapes, tied, buffers
+def _computed_fields(config: ModelConfig) -> dict[str, Any]:
+    """The fields that decide a model's outputs, flattened (moe.top_k), leaving out those its layers never use."""
+    fields = {key: value for key, value in config.to_dict().items() if key not in _TRAINING_ONLY}
+    moe = fields.pop("moe", None)
+    kinds = set(config.layer_mlp)
+    if "dense" not in kinds:
+        del fields["d_ff"], fields["mlp"]
+    if config.position == "learned":
+        del fields["rope_theta"]
+    if moe is not None and kinds != {"dense"}:
+        unused = _MOE_TRAINING_ONLY | ({"moc_heads"} if "moc" not in kinds else set())
+        fields |= {f"moe.{key}": value for key, value in moe.items() if key not in unused}
+    return fields
 
 
-def _expand(names: Names, n_layer: int, n_experts: int) -> dict[str, Rule]:
-    """The table with `{i}` and `{e}` replaced by every layer and expert index: concrete HF name -> Rule."""
-    rules: dict[str, Rule] = {}
-    for template, ours in names.items():
-        targets = (ours,) if isinstance(ours, str) else ours
-        for i in range(n_layer) if "{i}" in template else (0,):
-            for e in range(n_experts) if "{e}" in template else (None,):
-                rules[template.format(i=i, e=e)] = Rule(template, tuple(t.format(i=i) for t in targets), e)
-    return rules
+def _new_folder(out_dir: str | Path, source: Path) -> Path:
+    """The output folder of a conversion: never its input, never a folder that holds anything."""
+    out = Path(out_dir)
+    if out.resolve() == source.resolve():
+        raise ConfigError(f"{out}: the output folder must not be the input folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not an empty folder: choose a new output folder")
+    return out
 
 
-def _check_covered(source: str, parameters: list[str], required: dict[str, Rule]) -> None:
-    """Every mistura parameter needs a Hugging Face source; an adaptive norm's alpha has none."""
-    covered = {target for rule in required.values() for target in rule.targets}
-    uncovered = [name for name in parameters if name not in covered]
-    if uncovered:
-        raise ConfigError(f"the config has parameters with no source in {source}: {_some(uncovered)}")
+def _open_hf(path: str | Path) -> tuple[Path, str, ModelConfig, TensorMap]:
+    """A Hugging Face folder's path, model type, mistura config and tensor map."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if (folder / MANIFEST).is_file():
+        raise CheckpointError(f"{folder} is a mistura checkpoint already, not a Hugging Face folder")
+    hf = _read_json(folder / "config.json")
+    config = config_from_hf(hf)
+    return folder, hf["model_type"], config, tensor_map(hf["model_type"], config)
 
 
-def _with_prefix(tensors: Tensors, prefix: str) -> Tensors:
-    """Names as *ForCausalLM saves them: the bare base model leaves out the prefix."""
-    if any(name.startswith(prefix) for name in tensors):
-        return tensors
-    return {prefix + name: tensor for name, tensor in tensors.items()}
+def _hf_reader(files: WeightFiles, mapped: TensorMap, prefix: str) -> tuple[Read, Callable[[str], torch.dtype]]:
+    """Readers of a folder's tensors and of their dtypes, by the names *ForCausalLM gives them,
+    once the names and shapes are checked against the map."""
+    stored = _hf_names(files.shapes, prefix)
+    mapped.check({name: files.shapes[s] for name, s in stored.items()})
+    return lambda name, index: files.read(stored[name], index), lambda name: files.dtype(stored[name])
 
 
-def _check_names(tensors: Tensors, required: dict[str, Rule], skipped: set[str]) -> None:
-    missing = [name for name in required if name not in tensors]
-    if missing:
-        raise CheckpointError(
-            f"the checkpoint is missing {_some(missing)} (the source of {', '.join(required[missing[0]].targets)})"
-        )
-    extra = sorted(name for name in tensors if name not in required and name not in skipped)
-    if extra:
-        raise CheckpointError(
-            f"the checkpoint has unexpected tensors {_some(extra)} "
-            "(a different architecture, or a config.json that does not match the weights?)"
-        )
+def _from_tensors(mapped: TensorMap, tensors: Tensors) -> Tensors:
+    """A state dict from Hugging Face tensors held in memory, once their names and shapes are checked."""
+    mapped.check({name: tuple(tensor.shape) for name, tensor in tensors.items()})
+    return _state_dict(mapped, lambda name, index: tensors[name] if index is None else tensors[name][index])
 
 
-def _renamed(tensors: Tensors, required: dict[str, Rule], shapes: Shapes, transposed: frozenset[str]) -> Tensors:
-    """The required tensors under mistura's names; the experts' slices stacked in expert order."""
-    state_dict: Tensors = {}
-    experts: dict[str, list[torch.Tensor]] = {}  # stacked target -> its experts' slices
-    for hf_name, rule in required.items():  # `_expand` lists the experts in order
-        parts = _split(hf_name, tensors[hf_name], rule, shapes, rule.template in transposed)
-        if rule.expert is None:
-            state_dict |= parts
-        else:
-            for target, part in parts.items():
-                experts.setdefault(target, []).append(part)
-    return state_dict | {target: torch.stack(slices) for target, slices in experts.items()}
+def _hf_names(names: Iterable[str], prefix: str) -> dict[str, str]:
+    """Name as *ForCausalLM saves it -> stored name; the bare base model leaves out the prefix."""
+    if any(name.startswith(prefix) for name in names):
+        return {name: name for name in names}
+    return {prefix + name: name for name in names}
 
 
-def _split(hf_name: str, tensor: torch.Tensor, rule: Rule, shapes: Shapes, transposed: bool) -> Tensors:
-    """One checkpoint tensor as mistura tensors: transposed if stored (in, out), split by rows.
+def _state_dict(mapped: TensorMap, read: Read) -> Tensors:
+    """Every mistura tensor of the map, tied aliases included."""
+    state_dict = {name: mapped.ours(name, read) for name in mapped.shapes}
+    return state_dict | {alias: state_dict[owner] for alias, owner in mapped.tied.items()}
 
-    An expert's tensor fills one slice of its stacked targets, so it lacks their first dimension.
+
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def _export_tokenizer(checkpoint: Path, folder: Path, config: ModelConfig) -> dict[str, int | None]:
+    """Copy the tokenizer files into a Hugging Face folder; the token ids its config.json names.
+
+    A mistura tokenizer gets a tokenizer_config.json naming its special tokens, unless the
+    checkpoint carries one (imported from Hugging Face in the first place).
     """
-    target_shapes = [shapes[target] if rule.expert is None else shapes[target][1:] for target in rule.targets]
-    rows = [shape[0] for shape in target_shapes]
-    expected = (sum(rows), *target_shapes[0][1:])
-    if transposed:
-        expected = expected[::-1]
-    if tuple(tensor.shape) != expected:
-        raise CheckpointError(
-            f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, "
-            f"expected {expected} for {', '.join(rule.targets)}"
-        )
-    if transposed:
-        tensor = tensor.t()
-    return {target: part.contiguous() for target, part in zip(rule.targets, tensor.split(rows))}
-
-
-def _some(names: list[str], shown: int = 3) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-# ---------------------------------------------------------------------------------------
-# Reading files.
+    _copy_tokenizer(checkpoint, folder)
+    ids = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if not (folder / "tokenizer.json").is_file():
+        return ids
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as err:  # tokenizers raises a bare Exception for any unreadable file
+        raise CheckpointError(f"{checkpoint / 'tokenizer.json'} is not a tokenizer file: {err}") from err
+    special = {
+        role: (token, id_) for role, (token, id_) in SPECIAL_TOKENS.items() if tokenizer.token_to_id(token) == id_
+    }
+    if not (folder / "tokenizer_config.json").is_file():
+        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len}
+        tokenizer_config |= {f"{role}_token": token for role, (token, _) in special.items()}
+        (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    return ids | {f"{role}_token_id": id_ for role, (_, id_) in special.items()}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -253,40 +369,3 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
-
-
-def _read_weights(folder: Path) -> Tensors:
-    """All tensors of `model.safetensors`, or of the shards its index lists."""
-    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
-    if single.is_file():
-        return _read_safetensors(single)
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file")
-        shards: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(shard, []).append(name)
-        return {
-            name: tensor
-            for shard, names in shards.items()
-            for name, tensor in _read_safetensors(folder / shard, names).items()
-        }
-    pickled = " (pickled *.bin weights are refused: convert them to safetensors)"
-    raise CheckpointError(
-        f"{folder}: no model.safetensors or model.safetensors.index.json"
-        + (pickled if any(folder.glob("*.bin")) else "")
-    )
-
-
-def _read_safetensors(path: Path, names: list[str] | None = None) -> Tensors:
-    """The tensors `names` (default: all) of one safetensors file."""
-    try:
-        with safe_open(path, framework="pt") as file:
-            stored = list(file.keys())
-            absent = sorted(set(names or ()) - set(stored))
-            if absent:
-                raise CheckpointError(f"{path}: lacks {_some(absent)}, which the index places here")
-            return {name: file.get_tensor(name) for name in (stored if names is None else names)}
-    except (OSError, SafetensorError) as err:  # a missing shard, a truncated or corrupt file
-        raise CheckpointError(f"{path}: cannot read safetensors ({err})") from err

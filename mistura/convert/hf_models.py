@@ -1,4 +1,4 @@
-"""What mistura knows about each Hugging Face `model_type`: a config reader and a name table.
+"""What mistura knows about each Hugging Face `model_type`: a name table, a config reader and a config writer.
 
 A name table maps Hugging Face parameter names, with `{i}` for the layer index, to
 mistura names. Most entries are renames. A tuple of targets marks a fused tensor, split
@@ -8,8 +8,8 @@ their own, `experts.{e}.gate_proj.weight` (F, D), and mistura stacks the experts
 into one (E, F, D) tensor. `transposed` lists the names stored as (in, out), the
 transpose of `nn.Linear`, as GPT-2's `Conv1D` does. An entry applies only where the
 config has its target: a bias only with biases, the dense MLP's names only in dense
-layers, the experts' only in expert layers. The tables are plain dicts, so export can
-invert them.
+layers, the experts' only in expert layers. The tables are plain dicts that
+`mistura.convert.mapping` reads both ways: import and export share them.
 
 Tables of a sub-module (a SwiGLU MLP, a MoE block) are written relative to it and placed
 in the layers by `_in_layers`; `DEEPSEEK_V3_MOE_NAMES` also serves on its own, to load one
@@ -21,10 +21,13 @@ checkpoint on the Hub holds them; that per-expert layout is the one read here.
 
 A config reader turns config.json into a `ModelConfig`. An option that changes the
 computation but that mistura does not implement raises ConfigError: building a slightly
-different model without a word would be worse.
+different model without a word would be worse. A config writer does the inverse, for
+export; it need not refuse anything itself, since `mistura.convert.hf.hf_config` reads
+what it wrote back with the reader and refuses any computed field that changed.
 
-A new model type is one more `HFModelType` entry in `MODEL_TYPES`. Mistral, for one,
-would reuse `LLAMA_NAMES` with its own config reader.
+A new model type is one more `HFModelType` entry in `MODEL_TYPES`: a table (often made of
+existing ones: Mistral and Qwen2 reuse `LLAMA_NAMES`), a reader and a writer, plus a
+line in `model_type_for` if export should pick it unasked.
 """
 
 from __future__ import annotations
@@ -33,17 +36,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mistura.config import ModelConfig
+from mistura.config import ModelConfig, MoEConfig
+from mistura.convert.mapping import Names
 from mistura.errors import ConfigError
-
-Names = dict[str, str | tuple[str, ...]]  # HF template -> mistura template(s)
 
 
 @dataclass(frozen=True)
 class HFModelType:
-    """How to read one Hugging Face `model_type`."""
+    """How to read and write one Hugging Face `model_type`."""
 
     read_config: Callable[[dict[str, Any]], ModelConfig]
+    write_config: Callable[[ModelConfig], dict[str, Any]]  # config.json fields, bar model_type, dtype, token ids
+    architecture: str  # the causal-LM class config.json names, for AutoModelForCausalLM
     names: Names
     prefix: str  # what *ForCausalLM puts before the base model's names
     transposed: frozenset[str] = frozenset()  # HF templates stored as (in, out)
@@ -155,10 +159,14 @@ DEEPSEEK_V3_MOE_NAMES: dict[str, str] = (
 )
 
 
+# GPT-2's activations as mistura's MLP kinds: "gelu_new" and "gelu_pytorch_tanh" are the
+# same function, GELU's tanh approximation; "gelu" is the exact one.
+GPT2_MLPS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
-    """GPT-2: pre-LayerNorm, tanh-approximated GELU, learned positions, biases everywhere."""
-    # "gelu_new" and "gelu_pytorch_tanh" are the same function, GELU's tanh approximation.
-    _expect(hf, "activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"))
+    """GPT-2: pre-LayerNorm, GELU (tanh-approximated, as released), learned positions, biases everywhere."""
+    _expect(hf, "activation_function", "gelu_new", tuple(GPT2_MLPS))
     _expect(hf, "scale_attn_weights", True, (True,))
     _expect(hf, "scale_attn_by_inverse_layer_idx", False, (False,))
     _expect(hf, "add_cross_attention", False, (False,))
@@ -172,7 +180,7 @@ def _gpt2_config(hf: dict[str, Any]) -> ModelConfig:
             d_model=d_model,
             n_head=_require(hf, "n_head"),
             d_ff=hf.get("n_inner") or 4 * d_model,
-            mlp="gelu_tanh",
+            mlp=GPT2_MLPS[hf.get("activation_function", "gelu_new")],
             norm="layernorm",
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             position="learned",
@@ -191,6 +199,18 @@ def _llama_config(hf: dict[str, Any]) -> ModelConfig:
             "mistura's `bias` switches the biases of attention and MLP together"
         )
     return ModelConfig.from_dict(dict(_llama_fields(hf), bias=bias))
+
+
+def _mistral_config(hf: dict[str, Any]) -> ModelConfig:
+    """Mistral: Llama without biases, with a sliding window that must span the whole context."""
+    _check_full_attention(hf, hf.get("sliding_window", 4096))  # MistralConfig's default window
+    return ModelConfig.from_dict(_llama_fields(hf))
+
+
+def _qwen2_config(hf: dict[str, Any]) -> ModelConfig:
+    """Qwen2: Llama with biases on q, k and v only."""
+    _check_full_attention(hf, _qwen_sliding_window(hf))
+    return ModelConfig.from_dict(dict(_llama_fields(hf), qkv_bias=True))
 
 
 def _mixtral_config(hf: dict[str, Any]) -> ModelConfig:
@@ -274,7 +294,7 @@ def _qwen_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """What Qwen2-MoE and Qwen3-MoE share: softmax top-k experts, renormalised when
     norm_topk_prob, in the layers that `_qwen_layer_kinds` picks; the others keep a dense
     MLP of intermediate_size channels."""
-    _check_full_attention(hf, hf.get("sliding_window") if hf.get("use_sliding_window") else None)
+    _check_full_attention(hf, _qwen_sliding_window(hf))
     moe = dict(
         # Qwen3MoeConfig aliases num_experts to num_local_experts, the key that it saves.
         n_experts=_require(hf, "num_local_experts" if "num_local_experts" in hf else "num_experts"),
@@ -291,6 +311,11 @@ def _qwen_layer_kinds(hf: dict[str, Any]) -> list[str]:
     step = hf.get("decoder_sparse_step", 1)
     n_layer = _require(hf, "num_hidden_layers")
     return ["dense" if i in dense or (i + 1) % step else "moe" for i in range(n_layer)]
+
+
+def _qwen_sliding_window(hf: dict[str, Any]) -> int | None:
+    """Qwen's models only slide their window with use_sliding_window."""
+    return hf.get("sliding_window") if hf.get("use_sliding_window") else None
 
 
 def _check_full_attention(hf: dict[str, Any], window: int | None) -> None:
@@ -334,9 +359,119 @@ def _expect(hf: dict[str, Any], key: str, default: Any, supported: tuple[Any, ..
         )
 
 
+def _gpt2_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=config.vocab_size,
+        n_positions=config.max_seq_len,
+        n_layer=config.n_layer,
+        n_embd=config.d_model,
+        n_head=config.n_head,
+        n_inner=config.d_ff,
+        activation_function="gelu" if config.mlp == "gelu" else "gelu_new",
+        layer_norm_epsilon=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings,
+        attn_pdrop=config.attn_dropout,
+        resid_pdrop=config.resid_dropout,
+        embd_pdrop=config.resid_dropout,
+    )
+
+
+def _llama_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(_llama_hf_fields(config), attention_bias=config.bias, mlp_bias=config.bias)
+
+
+def _mistral_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(_llama_hf_fields(config), sliding_window=None)
+
+
+def _qwen2_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(_llama_hf_fields(config), use_sliding_window=False)
+
+
+def _mixtral_hf(config: ModelConfig) -> dict[str, Any]:
+    moe = _experts(config, "mixtral")
+    return dict(
+        _llama_hf_fields(config),
+        intermediate_size=moe.d_expert,
+        num_local_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k,
+        sliding_window=None,
+    )
+
+
+def _qwen2_moe_hf(config: ModelConfig) -> dict[str, Any]:
+    fields = _qwen_moe_hf_fields(config, "qwen2_moe")
+    return dict(fields, shared_expert_intermediate_size=config.moe.d_shared, qkv_bias=config.qkv_bias)
+
+
+def _qwen3_moe_hf(config: ModelConfig) -> dict[str, Any]:
+    return dict(_qwen_moe_hf_fields(config, "qwen3_moe"), attention_bias=False)
+
+
+def _llama_hf_fields(config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `_llama_fields`."""
+    return dict(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_seq_len,
+        num_hidden_layers=config.n_layer,
+        hidden_size=config.d_model,
+        num_attention_heads=config.n_head,
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        intermediate_size=config.d_ff,
+        hidden_act="silu",
+        rms_norm_eps=config.norm_eps,
+        # transformers 5 reads rope_parameters, earlier releases rope_theta.
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings,
+        attention_dropout=config.attn_dropout,
+    )
+
+
+def _qwen_moe_hf_fields(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The inverse of `_qwen_moe_fields`: the dense layers listed in mlp_only_layers."""
+    moe = _experts(config, model_type)
+    return dict(
+        _llama_hf_fields(config),
+        num_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.d_expert,
+        norm_topk_prob=moe.norm_topk,
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, kind in enumerate(config.layer_mlp) if kind == "dense"],
+        use_sliding_window=False,
+    )
+
+
+def _experts(config: ModelConfig, model_type: str) -> MoEConfig:
+    if config.moe is None:
+        raise ConfigError(f"Hugging Face's {model_type} has experts; this config has none (no model.moe)")
+    return config.moe
+
+
+def model_type_for(config: ModelConfig) -> str:
+    """The Hugging Face model_type with `config`'s architecture, told by its structure alone.
+
+    Learned positions are GPT-2's. With RoPE, a dense model is Llama's, or Qwen2's when only
+    q, k and v have biases; a model with experts is Qwen2-MoE's when a gate scales its
+    shared expert, Qwen3-MoE's with q/k norms, Mixtral's otherwise. The choice may still
+    miss a feature: `mistura.convert.hf.hf_config` checks.
+    """
+    if config.position == "learned":
+        return "gpt2"
+    if set(config.layer_mlp) == {"dense"}:
+        return "qwen2" if config.qkv_bias and not config.bias else "llama"
+    if config.moe.shared_gate:
+        return "qwen2_moe"
+    return "qwen3_moe" if config.qk_norm else "mixtral"
+
+
 MODEL_TYPES: dict[str, HFModelType] = {
     "gpt2": HFModelType(
         read_config=_gpt2_config,
+        write_config=_gpt2_hf,
+        architecture="GPT2LMHeadModel",
         names=GPT2_NAMES,
         prefix="transformer.",
         transposed=frozenset(
@@ -352,22 +487,44 @@ MODEL_TYPES: dict[str, HFModelType] = {
     ),
     "llama": HFModelType(
         read_config=_llama_config,
+        write_config=_llama_hf,
+        architecture="LlamaForCausalLM",
         names=LLAMA_NAMES,
         prefix="model.",
         ignored=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),  # old checkpoints saved it
     ),
+    "mistral": HFModelType(
+        read_config=_mistral_config,
+        write_config=_mistral_hf,
+        architecture="MistralForCausalLM",
+        names=LLAMA_NAMES,
+        prefix="model.",
+    ),
+    "qwen2": HFModelType(
+        read_config=_qwen2_config,
+        write_config=_qwen2_hf,
+        architecture="Qwen2ForCausalLM",
+        names=LLAMA_NAMES,
+        prefix="model.",
+    ),
     "mixtral": HFModelType(
         read_config=_mixtral_config,
+        write_config=_mixtral_hf,
+        architecture="MixtralForCausalLM",
         names=LLAMA_BODY_NAMES | _in_layers("block_sparse_moe", MIXTRAL_MOE_NAMES),
         prefix="model.",
     ),
     "qwen2_moe": HFModelType(
         read_config=_qwen2_moe_config,
+        write_config=_qwen2_moe_hf,
+        architecture="Qwen2MoeForCausalLM",
         names=LLAMA_NAMES | _in_layers("mlp", QWEN2_MOE_NAMES),
         prefix="model.",
     ),
     "qwen3_moe": HFModelType(
         read_config=_qwen3_moe_config,
+        write_config=_qwen3_moe_hf,
+        architecture="Qwen3MoeForCausalLM",
         names=LLAMA_NAMES | _in_layers("mlp", ROUTED_EXPERTS_NAMES),
         prefix="model.",
     ),
@@ -376,6 +533,8 @@ MODEL_TYPES: dict[str, HFModelType] = {
 
 def find_model_type(name: Any) -> HFModelType:
     """The entry of MODEL_TYPES for `name`, or a ConfigError listing the supported ones."""
+    if name is None:
+        raise ConfigError("config.json names no model_type: not a Hugging Face model config")
     if name not in MODEL_TYPES:
         raise ConfigError(
             f"Hugging Face model_type {name!r} is not supported; supported: {', '.join(sorted(MODEL_TYPES))}"

@@ -1,20 +1,14 @@
 """Parity with Hugging Face through the production importer, on tiny random models.
 
-Each case builds a Hugging Face model from a config (no downloads), perturbs every
-parameter so that norm weights and biases differ from their ones/zeros init (a swapped
-norm or a dropped bias would otherwise go unnoticed) and routers and shared-expert gates
-from their zero init, saves it with `save_pretrained` and imports the folder with
-`mistura.convert.hf`. Logits and greedy continuations must then match Hugging Face's.
-Models run in eval mode, where mistura's experts are dropless as Hugging Face's are.
+The models come from conftest.py: one per case, saved with `save_pretrained` and converted
+to a mistura checkpoint by `from_hf`, the code behind `mistura convert from-hf`. Logits and
+greedy continuations of the loaded checkpoint must match Hugging Face's. The config
+readers and the checks on tensor names and shapes are tested here too, on the in-memory API.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,152 +20,59 @@ transformers = pytest.importorskip("transformers")
 
 from mistura.convert.hf import (  # noqa: E402
     config_from_hf,
-    from_hf,
     load_hf_folder,
     state_dict_from_hf,
 )
+from mistura.convert.hf_models import model_type_for  # noqa: E402
 from mistura.errors import CheckpointError, ConfigError  # noqa: E402
 
-VOCAB = 160
 CONTEXT = 64
-# No special tokens: greedy generation must never stop early on an end-of-sequence id.
-NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
-
-QWEN_EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
-
-CASES = {
-    "gpt2": lambda: transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_positions=CONTEXT,
-            n_embd=48,
-            n_layer=2,
-            n_head=4,
-            **NO_SPECIAL_TOKENS,
-        )
-    ),
-    "llama-gqa-tied": lambda: _llama(tie_word_embeddings=True),
-    "llama-gqa-untied": lambda: _llama(tie_word_embeddings=False),
-    "llama-head-dim-theta": lambda: _llama(
-        tie_word_embeddings=False,
-        head_dim=16,  # != hidden_size / num_attention_heads = 12
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-    ),
-    "llama-bias": lambda: _llama(tie_word_embeddings=False, attention_bias=True, mlp_bias=True),
-    "mixtral": lambda: _causal_lm(transformers.MixtralForCausalLM, num_local_experts=4, num_experts_per_tok=2),
-    # Three layers, the middle one dense (intermediate_size), the others routed plus a gated shared expert.
-    "qwen2-moe-shared-dense": lambda: _causal_lm(
-        transformers.Qwen2MoeForCausalLM,
-        num_hidden_layers=3,
-        mlp_only_layers=[1],
-        **QWEN_EXPERTS,
-        shared_expert_intermediate_size=64,
-    ),
-    "qwen3-moe-norm-topk": lambda: _causal_lm(
-        transformers.Qwen3MoeForCausalLM, head_dim=16, norm_topk_prob=True, **QWEN_EXPERTS
-    ),
-    # Raw top-k softmax weights; layers 0 and 2 dense, as decoder_sparse_step=2 makes them.
-    "qwen3-moe-raw-topk-step2": lambda: _causal_lm(
-        transformers.Qwen3MoeForCausalLM,
-        num_hidden_layers=3,
-        decoder_sparse_step=2,
-        norm_topk_prob=False,
-        **QWEN_EXPERTS,
-    ),
-}
-
-
-def _causal_lm(model_class, **overrides) -> torch.nn.Module:
-    """A tiny Llama-family `model_class` from its config class: a shared shape, then the overrides."""
-    config = dict(
-        vocab_size=VOCAB,
-        max_position_embeddings=CONTEXT,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        **NO_SPECIAL_TOKENS,
-    )
-    return model_class(model_class.config_class(**{**config, **overrides}))
-
-
-def _llama(**overrides) -> torch.nn.Module:
-    return _causal_lm(transformers.LlamaForCausalLM, **overrides)
-
-
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model.eval()
-
-
-def _save(case: str, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    """A Hugging Face model of `case` and the folder it was saved to."""
-    torch.manual_seed(0)
-    hf_model = _perturbed(CASES[case]())
-    folder = tmp_path_factory.mktemp(case)
-    hf_model.save_pretrained(folder)
-    return hf_model, folder
-
-
-@pytest.fixture(scope="module", params=sorted(CASES))
-def saved(request, tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    return _save(request.param, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def gpt2_saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    """One architecture is enough for the layout and error tests."""
-    return _save("gpt2", tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def moe_saved(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
-    """For the experts' layout and errors: routed experts, a shared expert and a dense layer."""
-    return _save("qwen2-moe-shared-dense", tmp_path_factory)
-
-
-def _ids(batch: int, length: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
 @torch.no_grad()
-def test_logits_match(saved):
-    """Through the public API: mistura.load recognises a Hugging Face folder and imports it."""
-    hf_model, folder = saved
-    ids = _ids(2, 32)
-    model = mistura.load(folder)
+def test_logits_match(saved, make_ids):
+    ids = make_ids(2, 32)
+    model = mistura.load(saved.checkpoint)
     assert not model.training
-    torch.testing.assert_close(model(ids), hf_model(ids).logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(ids), saved.hf_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_generation_matches(saved):
-    hf_model, folder = saved
-    prompt = _ids(2, 8)
-    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False)
+def test_greedy_generation_matches(saved, make_ids):
+    prompt = make_ids(2, 8)
+    expected = saved.hf_model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False
+    )
     assert expected.shape == (2, 32)
-    assert torch.equal(from_hf(folder).generate(prompt, 24, temperature=0.0), expected)
+    assert torch.equal(mistura.load(saved.checkpoint).generate(prompt, 24, temperature=0.0), expected)
 
 
-def test_sharded_folder_loads(tmp_path):
-    hf_model = _perturbed(_llama(tie_word_embeddings=False))
-    hf_model.save_pretrained(tmp_path, max_shard_size="20KB")
-    assert not (tmp_path / "model.safetensors").exists()
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
-    ids = _ids(2, 16)
-    with torch.no_grad():
-        logits, expected = from_hf(tmp_path)(ids), hf_model(ids).logits
-    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+@torch.no_grad()
+def test_hugging_face_folder_loads_as_it_is(saved, make_ids):
+    """mistura.load recognises a Hugging Face folder and imports it in memory, to the same model."""
+    ids = make_ids(1, 16)
+    assert torch.equal(mistura.load(saved.folder)(ids), mistura.load(saved.checkpoint)(ids))
 
 
-def test_bare_base_model_with_mask_buffers_loads(gpt2_saved):
+@pytest.mark.parametrize(
+    "case, model_type",
+    [
+        ("gpt2", "gpt2"),
+        ("llama-bias", "llama"),
+        ("mistral", "llama"),  # the same architecture: export calls it llama unless told mistral
+        ("qwen2", "qwen2"),
+        ("mixtral", "mixtral"),
+        ("qwen2-moe-shared-dense", "qwen2_moe"),
+        ("qwen3-moe-raw-topk-step2", "qwen3_moe"),
+    ],
+)
+def test_architecture_tells_the_model_type(saved_case, case, model_type):
+    assert model_type_for(load_hf_folder(saved_case(case).folder)[0]) == model_type
+
+
+def test_bare_base_model_with_mask_buffers_loads(saved_case):
     """Old GPT-2 checkpoints (openai-community/gpt2) hold GPT2Model's names, without the
     `transformer.` prefix, and the causal-mask buffers `h.{i}.attn.bias`."""
-    _, folder = gpt2_saved
+    folder = saved_case("gpt2").folder
     config, expected = load_hf_folder(folder)
     stored = load_file(folder / "model.safetensors")
     tensors = {name.removeprefix("transformer."): tensor for name, tensor in stored.items()}
@@ -192,6 +93,8 @@ LLAMA_DICT = dict(
     max_position_embeddings=32,
 )
 GPT2_DICT = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+MISTRAL_DICT = dict(LLAMA_DICT, model_type="mistral", sliding_window=None)
+QWEN2_DICT = dict(LLAMA_DICT, model_type="qwen2")
 
 
 def test_config_from_hf_reads_llama_fields():
@@ -231,6 +134,40 @@ def test_config_from_hf_reads_gpt2_fields():
     assert (config.n_head, config.max_seq_len, config.norm_eps) == (8, 128, 3e-6)
     assert (config.mlp, config.norm, config.position) == ("gelu_tanh", "layernorm", "learned")
     assert config.bias and not config.tie_embeddings
+
+
+def test_config_from_hf_reads_mistral_fields():
+    hf = transformers.MistralConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert (config.n_head, config.n_kv_head, config.head_dim, config.d_ff) == (8, 2, 8, 160)
+    assert (config.mlp, config.norm, config.rope_theta) == ("swiglu", "rmsnorm", 1e6)
+    assert not config.bias and not config.qkv_bias and not config.tie_embeddings
+
+
+def test_config_from_hf_reads_qwen2_fields():
+    hf = transformers.Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    ).to_dict()
+    config = config_from_hf(hf)
+    assert config.qkv_bias and not config.bias  # q/k/v biases, none on o_proj or the MLP
+    assert config.tie_embeddings and config.layer_mlp == ("dense",) * 3
 
 
 def test_config_from_hf_reads_pre_v5_rope_theta():
@@ -341,12 +278,26 @@ def test_sliding_window_as_wide_as_the_context_is_accepted():
     assert config_from_hf(dict(MIXTRAL_DICT, sliding_window=32)).max_seq_len == 32
     assert config_from_hf(dict(QWEN2_MOE_DICT, use_sliding_window=True, sliding_window=64)).max_seq_len == 32
     assert config_from_hf(dict(QWEN3_MOE_DICT, use_sliding_window=False, sliding_window=4)).max_seq_len == 32
+    assert config_from_hf(dict(MISTRAL_DICT, sliding_window=32)).max_seq_len == 32
+    assert config_from_hf(dict(QWEN2_DICT, use_sliding_window=False, sliding_window=4)).max_seq_len == 32
 
 
 @pytest.mark.parametrize(
     "hf_config, culprit",
     [
-        (dict(model_type="bert"), r"'bert' is not supported; supported: gpt2, llama, mixtral, qwen2_moe, qwen3_moe"),
+        (
+            dict(model_type="bert"),
+            r"'bert' is not supported; supported: gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3_moe",
+        ),
+        (dict(LLAMA_DICT, quantization_config={"quant_method": "fp8"}), r"mistura convert fp8-to-bf16"),
+        (dict(LLAMA_DICT, quantization_config={"quant_method": "gptq", "bits": 4}), r"quant_method 'gptq'"),
+        (  # MistralConfig's default window, narrower than this context
+            dict({k: v for k, v in MISTRAL_DICT.items() if k != "sliding_window"}, max_position_embeddings=8192),
+            "sliding_window=4096",
+        ),
+        (dict(MISTRAL_DICT, sliding_window=16), "mistral config: sliding_window=16 is not supported"),
+        (dict(QWEN2_DICT, use_sliding_window=True, sliding_window=16), "qwen2 config: sliding_window=16"),
+        (dict(QWEN2_DICT, hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(GPT2_DICT, activation_function="relu"), "activation_function='relu'"),
         (dict(LLAMA_DICT, hidden_act="gelu"), "hidden_act='gelu'"),
         (dict(LLAMA_DICT, rope_parameters={"rope_type": "llama3", "factor": 8.0}), "'llama3'"),
@@ -373,9 +324,9 @@ def test_config_without_hf_counterpart_is_refused():
         state_dict_from_hf("llama", {}, config)
 
 
-def test_stored_copy_of_tied_head_is_skipped(gpt2_saved):
+def test_stored_copy_of_tied_head_is_skipped(saved_case):
     """Older tied checkpoints also store `lm_head.weight`; like Hugging Face, use the embedding."""
-    _, folder = gpt2_saved
+    folder = saved_case("gpt2").folder
     config, expected = load_hf_folder(folder)
     tensors = load_file(folder / "model.safetensors")
     tensors["lm_head.weight"] = torch.zeros_like(tensors["transformer.wte.weight"])
@@ -383,20 +334,20 @@ def test_stored_copy_of_tied_head_is_skipped(gpt2_saved):
     assert torch.equal(state_dict["lm_head.weight"], expected["tok_emb.weight"])
 
 
-def _config_and_tensors(saved: tuple[torch.nn.Module, Path]) -> tuple[mistura.ModelConfig, dict]:
+def _config_and_tensors(saved) -> tuple[mistura.ModelConfig, dict]:
     """(config, tensors) of a saved model, as read from its folder."""
-    hf_model, folder = saved
-    return config_from_hf(hf_model.config.to_dict()), load_file(folder / "model.safetensors")
+    return config_from_hf(saved.hf_model.config.to_dict()), load_file(saved.folder / "model.safetensors")
 
 
 @pytest.fixture
-def gpt2_tensors(gpt2_saved):
-    return _config_and_tensors(gpt2_saved)
+def gpt2_tensors(saved_case):
+    return _config_and_tensors(saved_case("gpt2"))
 
 
 @pytest.fixture
-def moe_tensors(moe_saved):
-    return _config_and_tensors(moe_saved)
+def moe_tensors(saved_case):
+    """For the experts' layout and errors: routed experts, a shared expert and a dense layer."""
+    return _config_and_tensors(saved_case("qwen2-moe-shared-dense"))
 
 
 def test_missing_tensor_is_named(gpt2_tensors):
@@ -461,35 +412,3 @@ def test_wrong_expert_shape_is_named(moe_tensors):
         CheckpointError, match=r"experts\.3\.down_proj\.weight: shape \(32, 48\) .* expected \(48, 32\)"
     ):
         state_dict_from_hf("qwen2_moe", tensors, config)
-
-
-@pytest.mark.parametrize("keep", [0.5, 0.001], ids=["truncated-data", "truncated-header"])
-def test_truncated_safetensors_is_named(gpt2_saved, tmp_path, keep):
-    _, folder = gpt2_saved
-    shutil.copytree(folder, tmp_path, dirs_exist_ok=True)
-    weights = tmp_path / "model.safetensors"
-    data = weights.read_bytes()
-    weights.write_bytes(data[: int(len(data) * keep)])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read safetensors"):
-        load_hf_folder(tmp_path)
-
-
-def test_missing_files_are_named(gpt2_saved, tmp_path):
-    _, folder = gpt2_saved
-    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
-        load_hf_folder(tmp_path / "absent")
-    with pytest.raises(CheckpointError, match=r"config\.json: cannot read JSON"):
-        load_hf_folder(tmp_path)
-    shutil.copy(folder / "config.json", tmp_path)
-    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(CheckpointError, match=r"no model\.safetensors.*pickled \*\.bin weights"):
-        load_hf_folder(tmp_path)
-
-
-def test_missing_shard_is_named(tmp_path):
-    _llama(tie_word_embeddings=False).save_pretrained(tmp_path, max_shard_size="20KB")
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"]["lm_head.weight"]
-    (tmp_path / shard).unlink()
-    with pytest.raises(CheckpointError, match=re.escape(shard)):
-        load_hf_folder(tmp_path)
