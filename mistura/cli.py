@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mistura.errors import MisturaError
@@ -158,6 +159,16 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
     print(f"Hugging Face folder written to {out}; load it with AutoModelForCausalLM.from_pretrained")
 
 
+def cmd_convert_fp8(args: argparse.Namespace) -> None:
+    from mistura.convert.fp8 import bf16_to_fp8, fp8_to_bf16
+
+    if args.to_fp8:
+        out = bf16_to_fp8(args.src, args.dst, block=tuple(args.block), progress=not args.no_progress)
+    else:
+        out = fp8_to_bf16(args.src, args.dst, progress=not args.no_progress)
+    print(f"written to {out}")
+
+
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     """`mistura convert KIND ...`: one subcommand per conversion."""
     p = sub.add_parser("convert", help="convert checkpoints between mistura and Hugging Face formats")
@@ -178,6 +189,19 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_conversion_options(c)
     c.set_defaults(func=cmd_convert_to_hf)
+
+    c = kinds.add_parser("fp8-to-bf16", help="dequantise a DeepSeek-format FP8 Hugging Face folder to bf16")
+    c.add_argument("src", help="FP8 folder (float8_e4m3fn weights with weight_scale_inv per 128x128 block)")
+    c.add_argument("dst", help="new bf16 folder")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_convert_fp8, to_fp8=False)
+
+    c = kinds.add_parser("bf16-to-fp8", help="quantise a Hugging Face folder's linear weights to DeepSeek's FP8 blocks")
+    c.add_argument("src", help="bf16 or fp32 Hugging Face folder")
+    c.add_argument("dst", help="new FP8 folder")
+    c.add_argument("--block", type=int, nargs=2, default=(128, 128), metavar=("ROWS", "COLS"), help="block shape")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_convert_fp8, to_fp8=True)
 
 
 def _add_conversion_options(parser: argparse.ArgumentParser) -> None:
@@ -264,8 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable[..., object], *args: object) -> int:
+    """Run a command; exit status 0, or 2 with `error: ...` (no traceback) for bad input, 130 on Ctrl-C."""
     try:
-        args.func(args)
+        func(*args)
     except MisturaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from mistura.config import ModelConfig
 from mistura.errors import ConfigError
-from mistura.fields import from_dict, merge
+from mistura.fields import from_dict, merge, read_yaml
 from mistura.infer.sampling import Sampling
 
 
@@ -123,13 +121,5 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Read a run config; `overrides` (nested, from `--set`) win over the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected sections model, data, train, sample at the top level")
+        data = read_yaml(path, "sections model, data, train, sample")
         return cls.from_dict(merge(data, overrides or {}))
