@@ -139,15 +139,22 @@ def resolve(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Load a checkpoint, a run's latest checkpoint or a Hugging Face folder as a ready model in eval mode."""
+    """Load a checkpoint, a run's latest checkpoint, a Hugging Face folder or a model-parallel
+    folder (its rank files merged) as a ready model in eval mode."""
+    from mistura.convert.hf import from_hf  # the converters build on this module
+    from mistura.convert.parallel import is_model_parallel, merge_model_parallel
+
     directory = resolve(path)
     if is_hugging_face(directory):
-        from mistura.convert.hf import from_hf  # the converters build on this module
-
         return from_hf(directory).to(device=device, dtype=dtype)
-    verify(directory)
-    model = Transformer(read_config(directory))
-    load_weights(directory, model)
+    if is_model_parallel(directory):
+        config, state = merge_model_parallel(directory)
+        model = Transformer(config)
+        model.load_state_dict(complete_weights(state, model, str(directory)))
+    else:
+        verify(directory)
+        model = Transformer(read_config(directory))
+        load_weights(directory, model)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -141,7 +141,12 @@ def cmd_convert_from_hf(args: argparse.Namespace) -> None:
     from mistura.convert.hf import from_hf
 
     out = from_hf(
-        args.hf_dir, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size, progress=not args.no_progress
+        args.hf_dir,
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
+        model_parallel=args.model_parallel,
     )
     print(f"mistura checkpoint written to {out}")
 
@@ -178,6 +183,12 @@ def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("hf_dir", help="Hugging Face model folder")
     c.add_argument("out_dir", help="new checkpoint directory")
     c.add_argument("--dtype", help="cast the weights: bf16, fp16 or fp32 (default: keep the stored dtypes)")
+    c.add_argument(
+        "--model-parallel",
+        type=int,
+        metavar="N",
+        help="write N rank files splitting attention heads, MLPs, experts and vocabulary (model{r}-mpN.safetensors)",
+    )
     _add_conversion_options(c)
     c.set_defaults(func=cmd_convert_from_hf)
 

@@ -47,8 +47,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_directory
-from mistura.convert.hf import _read_json
-from mistura.convert.shards import INDEX, WeightFiles, _listed_files
+from mistura.convert.hf import read_json
+from mistura.convert.shards import INDEX, WeightFiles, listed_files
 from mistura.errors import CheckpointError
 
 FP8 = torch.float8_e4m3fn
@@ -214,7 +214,7 @@ def bf16_to_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] = BLOCK
 def _read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")
-    return _read_json(folder / "config.json")
+    return read_json(folder / "config.json")
 
 
 def _block_size(quant: dict[str, Any], path: Path) -> tuple[int, int]:
@@ -248,7 +248,7 @@ def _rewrite_folder(
     with WeightFiles(src) as weights, atomic_directory(dst) as out:
         weight_map: dict[str, str] = {}
         total_size = 0
-        for path, names in _listed_files(src).items():  # names None: the single file holds them all
+        for path, names in listed_files(src).items():  # names None: the single file holds them all
             tensors: Tensors = {}
             for name in tqdm(names or list(weights.shapes), desc=path.name, unit="tensor", disable=not progress):
                 tensors |= convert(weights, name)

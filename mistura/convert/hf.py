@@ -50,6 +50,7 @@ from mistura.checkpoint import (
 from mistura.config import ModelConfig
 from mistura.convert.hf_models import find_model_type, model_type_for
 from mistura.convert.mapping import Names, Read, TensorMap, some
+from mistura.convert.parallel import write_model_parallel
 from mistura.convert.shards import (
     DEFAULT_SHARD_SIZE,
     WeightFiles,
@@ -90,10 +91,13 @@ def from_hf(
     dtype: torch.dtype | str | None = None,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     progress: bool = False,
+    model_parallel: int | None = None,
 ) -> Path: ...
 
 
-def from_hf(hf_dir, out_dir=None, *, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, progress=False):
+def from_hf(
+    hf_dir, out_dir=None, *, dtype=None, max_shard_size=DEFAULT_SHARD_SIZE, progress=False, model_parallel=None
+):
     """Import a Hugging Face folder: as a mistura `Transformer` in memory, in eval mode (fp32
     unless `dtype`), or with `out_dir` into a mistura checkpoint directory, one tensor at a time.
 
@@ -101,7 +105,11 @@ def from_hf(hf_dir, out_dir=None, *, dtype=None, max_shard_size=DEFAULT_SHARD_SI
     layer's stacked experts read that layer's expert tensors) and written into shards of
     at most max_shard_size bytes ("5GB", "500MB" or a count). Tensors keep their dtype
     unless `dtype` ("bf16", torch.float32, ...) is given. The tokenizer files come along.
-    The checkpoint appears whole or not at all.
+    The checkpoint appears whole or not at all. With `model_parallel` n, the output is
+    instead n rank files split for tensor and expert parallelism (mistura.convert.parallel),
+    written one rank at a time; `mistura.load` merges them back. Stored modules that take no part in the
+    model's logits, DeepSeek-V3's multi-token-prediction layers, are left out, as
+    Hugging Face's own model leaves them out.
     """
     cast, limit = parse_dtype(dtype), parse_size(max_shard_size)
     if out_dir is None:
@@ -115,12 +123,25 @@ def from_hf(hf_dir, out_dir=None, *, dtype=None, max_shard_size=DEFAULT_SHARD_SI
         read, stored_dtype = _hf_reader(files, mapped, find_model_type(model_type).prefix)
         dtypes = {name: cast or stored_dtype(sources[0]) for name, sources in mapped.feeds.items()}
         dtypes |= {name: cast or files.main_dtype() for name in mapped.unfed}  # buffers no Hugging Face tensor holds
+
+        def build(name: str) -> torch.Tensor:
+            return mapped.ours(name, read).to(dtypes[name])
+
+        if model_parallel is not None:
+            tokenizer = folder / "tokenizer.json"
+            return write_model_parallel(
+                out,
+                config,
+                build,
+                list(mapped.shapes),
+                model_parallel,
+                tokenizer if tokenizer.is_file() else None,
+                progress,
+            )
         sizes = {name: tensor_bytes(shape, dtypes[name]) for name, shape in mapped.shapes.items()}
         with checkpoint_directory(out) as tmp:
             write_config(tmp, config)
-            write_weights(
-                tmp, sizes, lambda name: mapped.ours(name, read).to(dtypes[name]), limit, WEIGHTS_METADATA, progress
-            )
+            write_weights(tmp, sizes, build, limit, WEIGHTS_METADATA, progress)
             _copy_tokenizer(folder, tmp)
     return out
 
@@ -142,6 +163,10 @@ def to_hf(
     anything is written. Tensors stream as in `from_hf` and keep their dtype, which
     config.json states. A mistura tokenizer.json comes along with a tokenizer_config.json,
     so `AutoTokenizer` loads it too.
+
+    Tensors are written in mistura's layout where a model type allows two: a DeepSeek-V3
+    model imported from a checkpoint with interleaved rotary channels comes back with the
+    same outputs, its rotary rows de-interleaved and config.json saying rope_interleave false.
     """
     limit = parse_size(max_shard_size)
     directory = resolve(checkpoint)
@@ -152,7 +177,7 @@ def to_hf(
     config = read_config(directory)
     model_type = model_type or model_type_for(config)
     written = hf_config(config, model_type)
-    mapped = tensor_map(model_type, config)
+    mapped = tensor_map(model_type, config, written)
     with WeightFiles(directory) as files:
         check_shapes(files.shapes, mapped.shapes, str(directory))
         for name in mapped.unfed:
@@ -232,9 +257,14 @@ def hf_config(config: ModelConfig, model_type: str | None = None) -> dict[str, A
     return written
 
 
-def tensor_map(model_type: str, config: ModelConfig) -> TensorMap:
-    """The name table of `model_type` expanded for `Transformer(config)`."""
-    hf_type = find_model_type(model_type)
+def tensor_map(model_type: str, config: ModelConfig, hf: dict[str, Any] | None = None) -> TensorMap:
+    """The name table of `model_type` expanded for `Transformer(config)`.
+
+    `hf`, the config.json, decides what the layout of the tensors may depend on (the row
+    order of DeepSeek-V3's rotary channels, its multi-token-prediction layers); None
+    stands for a config.json with Hugging Face's defaults.
+    """
+    hf_type, hf = find_model_type(model_type), hf or {}
     with torch.device("meta"):  # allocates nothing and runs no init
         model = Transformer(config)
     return TensorMap.build(
@@ -244,17 +274,22 @@ def tensor_map(model_type: str, config: ModelConfig) -> TensorMap:
         n_experts=config.moe.n_experts if config.moe is not None else 0,
         transposed=hf_type.transposed,
         ignored=hf_type.ignored,
+        rows=hf_type.row_orders(hf, config),
+        passed_over=hf_type.passed_over(hf, config),
         source=f"{model_type} checkpoints",
     )
 
 
-def state_dict_from_hf(model_type: str, tensors: Tensors, config: ModelConfig) -> Tensors:
-    """Hugging Face `tensors` renamed and reshaped into a state dict of `Transformer(config)`.
+def state_dict_from_hf(
+    model_type: str, tensors: Tensors, config: ModelConfig, hf: dict[str, Any] | None = None
+) -> Tensors:
+    """Hugging Face `tensors` renamed and reshaped into a state dict of `Transformer(config)`,
+    laid out as config.json `hf` says (see `tensor_map`).
 
     Checkpoints of the bare base model (`GPT2Model`, `LlamaModel`) load too.
     """
     stored = _hf_names(tensors, find_model_type(model_type).prefix)
-    return _from_tensors(tensor_map(model_type, config), {name: tensors[s] for name, s in stored.items()})
+    return _from_tensors(tensor_map(model_type, config, hf), {name: tensors[s] for name, s in stored.items()})
 
 
 def convert_state_dict(module: nn.Module, tensors: Tensors, names: Names, **options: Any) -> Tensors:
@@ -299,9 +334,9 @@ def _open_hf(path: str | Path) -> tuple[Path, str, ModelConfig, TensorMap]:
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     if (folder / MANIFEST).is_file():
         raise CheckpointError(f"{folder} is a mistura checkpoint already, not a Hugging Face folder")
-    hf = _read_json(folder / "config.json")
+    hf = read_json(folder / "config.json")
     config = config_from_hf(hf)
-    return folder, hf["model_type"], config, tensor_map(hf["model_type"], config)
+    return folder, hf["model_type"], config, tensor_map(hf["model_type"], config, hf)
 
 
 def _hf_reader(files: WeightFiles, mapped: TensorMap, prefix: str) -> tuple[Read, Callable[[str], torch.dtype]]:
@@ -361,7 +396,7 @@ def _export_tokenizer(checkpoint: Path, folder: Path, config: ModelConfig) -> di
     return ids | {f"{role}_token_id": id_ for role, (_, id_) in special.items()}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:

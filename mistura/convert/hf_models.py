@@ -25,6 +25,11 @@ different model without a word would be worse. A config writer does the inverse,
 export; it need not refuse anything itself, since `mistura.convert.hf.hf_config` reads
 what it wrote back with the reader and refuses any computed field that changed.
 
+Where the layout of the stored tensors depends on config.json, two more functions of it
+say how: `row_orders`, the rows that mistura orders otherwise (DeepSeek-V3's interleaved
+rotary channels), and `passed_over`, stored modules that mistura does not run
+(DeepSeek-V3's multi-token-prediction layers).
+
 A new model type is one more `HFModelType` entry in `MODEL_TYPES`: a table (often made of
 existing ones: Mistral and Qwen2 reuse `LLAMA_NAMES`), a reader and a writer, plus a
 line in `model_type_for` if export should pick it unasked.
@@ -36,9 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from mistura.config import ModelConfig, MoEConfig
 from mistura.convert.mapping import Names
 from mistura.errors import ConfigError
+from mistura.model.rope import yarn_mscale
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,10 @@ class HFModelType:
     prefix: str  # what *ForCausalLM puts before the base model's names
     transposed: frozenset[str] = frozenset()  # HF templates stored as (in, out)
     ignored: tuple[str, ...] = ()  # HF templates of buffers that hold no weights
+    # HF template -> the order of its rows in mistura (ours = hf[rows]), for a config.json and its ModelConfig.
+    row_orders: Callable[[dict[str, Any], ModelConfig], dict[str, torch.Tensor]] = lambda hf, config: {}
+    # Prefixes of stored HF names that import passes over, for a config.json and its ModelConfig.
+    passed_over: Callable[[dict[str, Any], ModelConfig], tuple[str, ...]] = lambda hf, config: ()
 
 
 def _within(hf_prefix: str, prefix: str, names: dict[str, str]) -> dict[str, str]:
@@ -158,6 +170,29 @@ DEEPSEEK_V3_MOE_NAMES: dict[str, str] = (
     | _within("shared_experts.", "shared.", SWIGLU_NAMES)
 )
 
+# DeepSeek-V3's attention (`DeepseekV3Attention`), multi-head latent attention: the queries
+# from q_proj, or with q_lora_rank through q_a_proj -> q_a_layernorm -> q_b_proj (only the
+# path the config has matches); the key/value latent and the shared rotary key from
+# kv_a_proj_with_mqa, its latent part normalised by kv_a_layernorm and expanded by kv_b_proj.
+MLA_NAMES: dict[str, str] = {
+    "q_proj.weight": "q_proj.weight",
+    "q_a_proj.weight": "q_a_proj.weight",
+    "q_a_layernorm.weight": "q_a_norm.weight",
+    "q_b_proj.weight": "q_b_proj.weight",
+    "kv_a_proj_with_mqa.weight": "kv_a_proj.weight",
+    "kv_a_layernorm.weight": "kv_a_norm.weight",
+    "kv_b_proj.weight": "kv_b_proj.weight",
+    "o_proj.weight": "o_proj.weight",
+}
+
+# DeepSeek-V3: the Llama body and dense MLP (the first first_k_dense_replace layers), MLA, and
+# the MoE block in the other layers.
+DEEPSEEK_V3_NAMES: Names = (
+    LLAMA_NAMES
+    | _within("model.layers.{i}.self_attn.", "blocks.{i}.attn.", MLA_NAMES)
+    | _in_layers("mlp", DEEPSEEK_V3_MOE_NAMES)
+)
+
 
 # GPT-2's activations as mistura's MLP kinds: "gelu_new" and "gelu_pytorch_tanh" are the
 # same function, GELU's tanh approximation; "gelu" is the exact one.
@@ -240,27 +275,162 @@ def _qwen3_moe_config(hf: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(dict(_qwen_moe_fields(hf), qk_norm=True))
 
 
+# DeepseekV3Config's defaults, DeepSeek-V3's own values, for the options a config.json may leave out.
+_DEEPSEEK_V3_DEFAULTS: dict[str, Any] = dict(
+    q_lora_rank=1536,
+    first_k_dense_replace=3,
+    n_group=8,
+    topk_group=4,
+    rms_norm_eps=1e-6,
+    rope_interleave=True,
+    num_nextn_predict_layers=1,
+)
+
+
+def _deepseek_v3_config(hf: dict[str, Any]) -> ModelConfig:
+    """DeepSeek-V3: multi-head latent attention with (optionally YaRN-extended) decoupled RoPE, dense
+    SwiGLU MLPs in the first first_k_dense_replace layers, DeepSeekMoE blocks in the others."""
+    hf = {**_DEEPSEEK_V3_DEFAULTS, **hf}
+    _expect(hf, "attention_bias", False, (False,))
+    # Hugging Face's DeepseekV3 ignores moe_layer_freq and DeepSeek's own code does not: only 1 means the same to both.
+    _expect(hf, "moe_layer_freq", 1, (1,))
+    heads = _require(hf, "num_attention_heads")
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if kv_heads != heads:
+        raise ConfigError(
+            f"deepseek_v3 config: num_key_value_heads={kv_heads} differs from num_attention_heads={heads}; "
+            "latent attention expands a key and a value for every query head (Hugging Face's model fails on it too)"
+        )
+    if hf["rms_norm_eps"] != 1e-6:
+        raise ConfigError(
+            f"deepseek_v3 config: rms_norm_eps={hf['rms_norm_eps']} is not supported: Hugging Face's DeepseekV3 "
+            "normalises the query and key/value latents with eps 1e-6 whatever rms_norm_eps says, mistura with "
+            "rms_norm_eps; the two agree only at 1e-6"
+        )
+    sparse = _require(hf, "first_k_dense_replace") < _require(hf, "num_hidden_layers")
+    mla = dict(
+        q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=_require(hf, "kv_lora_rank"),
+        qk_nope_head_dim=_require(hf, "qk_nope_head_dim"),
+        qk_rope_head_dim=_require(hf, "qk_rope_head_dim"),
+        v_head_dim=_require(hf, "v_head_dim"),
+    )
+    return ModelConfig.from_dict(
+        dict(
+            _decoder_fields(hf),
+            **_deepseek_v3_rope(hf),
+            mla=mla,
+            first_dense_layers=hf["first_k_dense_replace"] if sparse else 0,
+            moe=deepseek_v3_moe_fields(hf) if sparse else None,
+        )
+    )
+
+
+def _deepseek_v3_rope(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, and with rope_type 'yarn' the `YaRNConfig` fields, as Hugging Face's `_compute_yarn_parameters`
+    and DeepseekV3Attention's softmax scale read them."""
+    rope = _rope_parameters(hf)
+    if rope["rope_type"] == "default":
+        return dict(rope_theta=rope["rope_theta"])
+    if rope["rope_type"] != "yarn":
+        raise ConfigError(
+            f"deepseek_v3 config: RoPE scaling {rope['rope_type']!r} is not supported "
+            "(plain RoPE, rope_type 'default', or 'yarn')"
+        )
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"deepseek_v3 config: partial_rotary_factor={rope['partial_rotary_factor']} is not supported")
+    if rope.get("factor") is None:
+        raise ConfigError("deepseek_v3 config: YaRN's rope_parameters lack its 'factor'")
+    factor, max_len = rope["factor"], _require(hf, "max_position_embeddings")
+    # A top-level original_max_position_embeddings (Phi-3's place for it) wins over rope_parameters'.
+    original = hf.get("original_max_position_embeddings", rope.get("original_max_position_embeddings", max_len))
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim") or 0.0
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None and mscale is None and mscale_all_dim:
+        # Hugging Face takes the mscale ratio only when both are given, mscale(factor) otherwise; mistura's
+        # default mscale of 1 would take the ratio.
+        attention_factor = yarn_mscale(factor)
+    yarn = dict(
+        factor=factor,
+        original_max_seq_len=original,
+        beta_fast=rope.get("beta_fast") or 32.0,
+        beta_slow=rope.get("beta_slow") or 1.0,
+        mscale=1.0 if mscale is None else mscale,
+        mscale_all_dim=mscale_all_dim,
+        attention_factor=attention_factor,
+        truncate=rope.get("truncate", True),
+    )
+    return dict(rope_theta=rope["rope_theta"], yarn=yarn)
+
+
+def _deepseek_v3_rows(hf: dict[str, Any], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The query and rotary-key rows of a DeepSeek-V3 checkpoint in mistura's order.
+
+    With rope_interleave (DeepseekV3Config's default, the layout of DeepSeek's checkpoints),
+    Hugging Face rotates a head's rotary channels in pairs (2i, 2i + 1); mistura pairs
+    (i, i + D_rope/2). Taking the even rotary rows first, then the odd ones, turns one
+    pairing into the other: within each head's rotary rows of q_proj (or q_b_proj), whose
+    rows are [nope, rope] head after head, and in the last D_rope rows of
+    kv_a_proj_with_mqa, the shared rotary key. Queries and keys move alike, so every
+    attention score stays the same. Export writes rope_interleave false with the rows in
+    mistura's order: an interleaved checkpoint taken through mistura comes back with the
+    same outputs and its rotary rows de-interleaved.
+    """
+    if not hf.get("rope_interleave", _DEEPSEEK_V3_DEFAULTS["rope_interleave"]):
+        return {}
+    mla = config.mla
+    dr = mla.qk_rope_head_dim
+    pairs = torch.cat((torch.arange(0, dr, 2), torch.arange(1, dr, 2)))  # (D_rope,)
+    head = torch.cat((torch.arange(mla.qk_nope_head_dim), mla.qk_nope_head_dim + pairs))  # (D_nope + D_rope,)
+    query = (torch.arange(config.n_head)[:, None] * mla.qk_head_dim + head).flatten()  # (H * (D_nope + D_rope),)
+    latent = torch.cat((torch.arange(mla.kv_lora_rank), mla.kv_lora_rank + pairs))  # (r + D_rope,)
+    q_proj = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
+    return {
+        f"model.layers.{{i}}.self_attn.{q_proj}.weight": query,
+        "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight": latent,
+    }
+
+
+def _deepseek_v3_mtp(hf: dict[str, Any], config: ModelConfig) -> tuple[str, ...]:
+    """The multi-token-prediction modules of a DeepSeek-V3 checkpoint, passed over on import.
+
+    DeepSeek-V3 stores num_nextn_predict_layers of them as the layers after the last
+    decoder layer (`model.layers.61.*`). They draft further tokens for speculative
+    decoding and take no part in the model's own logits; Hugging Face's
+    DeepseekV3ForCausalLM leaves them out too (`_keys_to_ignore_on_load_unexpected`).
+    A stored layer beyond those is still unexpected.
+    """
+    count = hf.get("num_nextn_predict_layers", _DEEPSEEK_V3_DEFAULTS["num_nextn_predict_layers"])
+    return tuple(f"model.layers.{i}." for i in range(config.n_layer, config.n_layer + count))
+
+
 def deepseek_v3_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """The `MoEConfig` fields of a DeepSeek-V3 config.json.
 
     Sigmoid scores; the stored selection bias added to choose, first the topk_group best
     of n_group expert groups, then the top-k experts in them; the chosen unbiased scores
     renormalised and times routed_scaling_factor; the n_shared_experts shared experts as
-    one SwiGLU as wide as all of them. The deepseek_v3 importer will use this once mistura
-    has its attention (MLA); the MoE blocks already load with `DEEPSEEK_V3_MOE_NAMES`.
+    one SwiGLU as wide as all of them. The MoE blocks load with `DEEPSEEK_V3_MOE_NAMES`.
     """
+    hf = {**_DEEPSEEK_V3_DEFAULTS, **hf}
     _expect(hf, "scoring_func", "sigmoid", ("sigmoid",))
     _expect(hf, "topk_method", "noaux_tc", ("noaux_tc",))
     d_expert = _require(hf, "moe_intermediate_size")
+    n_experts, n_groups = _require(hf, "n_routed_experts"), hf["n_group"] or 1
+    if n_experts // n_groups < 2:
+        raise ConfigError(
+            f"deepseek_v3 config: n_group={n_groups} leaves fewer than two of the n_routed_experts={n_experts} "
+            "experts in a group; Hugging Face's router ranks the groups by the sum of their two best scores"
+        )
     return dict(
-        n_experts=_require(hf, "n_routed_experts"),
+        n_experts=n_experts,
         top_k=_require(hf, "num_experts_per_tok"),
         d_expert=d_expert,
         scoring="sigmoid",
         norm_topk=hf.get("norm_topk_prob", True),
         route_scale=hf.get("routed_scaling_factor", 2.5),
-        n_groups=hf.get("n_group") or 1,
-        topk_groups=hf.get("topk_group") or 1,
+        n_groups=n_groups,
+        topk_groups=hf["topk_group"] or 1,
         d_shared=hf.get("n_shared_experts", 1) * d_expert,
         # The stored selection bias is used as it is; moving it further (DeepSeek-V3 pre-trained
         # with a rate of 0.001) is a training choice: set model.moe.balance_bias_rate to fine-tune.
@@ -270,6 +440,16 @@ def deepseek_v3_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
 
 def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """The `ModelConfig` fields of the Llama family: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+    return dict(
+        _decoder_fields(hf),
+        n_kv_head=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        rope_theta=_rope_theta(hf),
+    )
+
+
+def _decoder_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """What the Llama family and DeepSeek-V3 share whatever their attention: RMSNorm, a SwiGLU MLP, rotary positions."""
     _expect(hf, "hidden_act", "silu", ("silu",))
     return dict(
         name=f"hf-{hf['model_type']}",
@@ -278,14 +458,11 @@ def _llama_fields(hf: dict[str, Any]) -> dict[str, Any]:
         n_layer=_require(hf, "num_hidden_layers"),
         d_model=_require(hf, "hidden_size"),
         n_head=_require(hf, "num_attention_heads"),
-        n_kv_head=hf.get("num_key_value_heads"),
-        head_dim=hf.get("head_dim"),
         d_ff=_require(hf, "intermediate_size"),
         mlp="swiglu",
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         position="rope",
-        rope_theta=_rope_theta(hf),
         tie_embeddings=hf.get("tie_word_embeddings", False),
     )
 
@@ -328,7 +505,18 @@ def _check_full_attention(hf: dict[str, Any], window: int | None) -> None:
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE's base, refusing scaled variants (linear, dynamic, yarn, llama3, ...).
+    """RoPE's base, refusing scaled variants (linear, dynamic, yarn, llama3, ...)."""
+    rope = _rope_parameters(hf)
+    if rope["rope_type"] != "default":
+        raise ConfigError(
+            f"{hf['model_type']} config: RoPE scaling {rope['rope_type']!r} is not supported yet "
+            "(only plain RoPE, rope_type 'default')"
+        )
+    return rope["rope_theta"]
+
+
+def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE's settings, its kind under rope_type and its base under rope_theta.
 
     transformers 5 keeps RoPE settings in `rope_parameters`, with the theta inside;
     older configs have a top-level `rope_theta` and an optional `rope_scaling`, whose
@@ -336,12 +524,7 @@ def _rope_theta(hf: dict[str, Any]) -> float:
     """
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ConfigError(
-            f"{hf['model_type']} config: RoPE scaling {kind!r} is not supported yet "
-            "(only plain RoPE, rope_type 'default')"
-        )
-    return rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return dict(rope, rope_type=kind, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:
@@ -408,22 +591,94 @@ def _qwen3_moe_hf(config: ModelConfig) -> dict[str, Any]:
     return dict(_qwen_moe_hf_fields(config, "qwen3_moe"), attention_bias=False)
 
 
+def _deepseek_v3_hf(config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `_deepseek_v3_config`, with the rotary rows in mistura's order (rope_interleave false)
+    and no multi-token-prediction layers."""
+    mla = config.mla
+    if mla is None:
+        raise ConfigError("Hugging Face's deepseek_v3 has latent attention; this config has none (no model.mla)")
+    kinds = list(config.layer_mlp)
+    fields = dict(
+        _decoder_hf_fields(config),
+        num_key_value_heads=config.n_head,
+        attention_bias=False,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_nope_head_dim=mla.qk_nope_head_dim,
+        qk_rope_head_dim=mla.qk_rope_head_dim,
+        v_head_dim=mla.v_head_dim,
+        rope_parameters=_deepseek_v3_rope_hf(config),
+        rope_theta=config.rope_theta,
+        rope_interleave=False,
+        first_k_dense_replace=kinds.index("moe") if "moe" in kinds else config.n_layer,
+        num_nextn_predict_layers=0,
+    )
+    return fields if config.moe is None else fields | _deepseek_v3_moe_hf(config.moe)
+
+
+def _deepseek_v3_rope_hf(config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `_deepseek_v3_rope`: plain RoPE, or YaRN under the names Hugging Face reads."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    yarn = config.yarn
+    if yarn is None:
+        return rope
+    rope |= dict(
+        rope_type="yarn",
+        factor=yarn.factor,
+        original_max_position_embeddings=yarn.original_max_seq_len,
+        beta_fast=yarn.beta_fast,
+        beta_slow=yarn.beta_slow,
+        mscale=yarn.mscale,
+        mscale_all_dim=yarn.mscale_all_dim,
+        truncate=yarn.truncate,
+    )
+    return rope if yarn.attention_factor is None else rope | {"attention_factor": yarn.attention_factor}
+
+
+def _deepseek_v3_moe_hf(moe: MoEConfig) -> dict[str, Any]:
+    """The inverse of `deepseek_v3_moe_fields`: the shared experts counted in routed experts' widths."""
+    if moe.d_shared % moe.d_expert:
+        raise ConfigError(
+            f"Hugging Face's deepseek_v3 counts its shared experts in routed experts: moe.d_shared={moe.d_shared} "
+            f"is not a multiple of moe.d_expert={moe.d_expert}"
+        )
+    return dict(
+        n_routed_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.d_expert,
+        n_shared_experts=moe.d_shared // moe.d_expert,
+        scoring_func=moe.scoring,
+        topk_method="noaux_tc",
+        norm_topk_prob=moe.norm_topk,
+        routed_scaling_factor=moe.route_scale,
+        n_group=moe.n_groups,
+        topk_group=moe.topk_groups,
+    )
+
+
 def _llama_hf_fields(config: ModelConfig) -> dict[str, Any]:
     """The inverse of `_llama_fields`."""
+    return dict(
+        _decoder_hf_fields(config),
+        num_key_value_heads=config.n_kv_head,
+        head_dim=config.head_dim,
+        # transformers 5 reads rope_parameters, earlier releases rope_theta.
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        rope_theta=config.rope_theta,
+    )
+
+
+def _decoder_hf_fields(config: ModelConfig) -> dict[str, Any]:
+    """The inverse of `_decoder_fields`."""
     return dict(
         vocab_size=config.vocab_size,
         max_position_embeddings=config.max_seq_len,
         num_hidden_layers=config.n_layer,
         hidden_size=config.d_model,
         num_attention_heads=config.n_head,
-        num_key_value_heads=config.n_kv_head,
-        head_dim=config.head_dim,
         intermediate_size=config.d_ff,
         hidden_act="silu",
         rms_norm_eps=config.norm_eps,
-        # transformers 5 reads rope_parameters, earlier releases rope_theta.
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        rope_theta=config.rope_theta,
         tie_word_embeddings=config.tie_embeddings,
         attention_dropout=config.attn_dropout,
     )
@@ -453,11 +708,13 @@ def _experts(config: ModelConfig, model_type: str) -> MoEConfig:
 def model_type_for(config: ModelConfig) -> str:
     """The Hugging Face model_type with `config`'s architecture, told by its structure alone.
 
-    Learned positions are GPT-2's. With RoPE, a dense model is Llama's, or Qwen2's when only
-    q, k and v have biases; a model with experts is Qwen2-MoE's when a gate scales its
-    shared expert, Qwen3-MoE's with q/k norms, Mixtral's otherwise. The choice may still
-    miss a feature: `mistura.convert.hf.hf_config` checks.
+    Latent attention is DeepSeek-V3's. Learned positions are GPT-2's. With RoPE, a dense
+    model is Llama's, or Qwen2's when only q, k and v have biases; a model with experts is
+    Qwen2-MoE's when a gate scales its shared expert, Qwen3-MoE's with q/k norms, Mixtral's
+    otherwise. The choice may still miss a feature: `mistura.convert.hf.hf_config` checks.
     """
+    if config.mla is not None:
+        return "deepseek_v3"
     if config.position == "learned":
         return "gpt2"
     if set(config.layer_mlp) == {"dense"}:
@@ -527,6 +784,15 @@ MODEL_TYPES: dict[str, HFModelType] = {
         architecture="Qwen3MoeForCausalLM",
         names=LLAMA_NAMES | _in_layers("mlp", ROUTED_EXPERTS_NAMES),
         prefix="model.",
+    ),
+    "deepseek_v3": HFModelType(
+        read_config=_deepseek_v3_config,
+        write_config=_deepseek_v3_hf,
+        architecture="DeepseekV3ForCausalLM",
+        names=DEEPSEEK_V3_NAMES,
+        prefix="model.",
+        row_orders=_deepseek_v3_rows,
+        passed_over=_deepseek_v3_mtp,
     ),
 }
 

@@ -6,13 +6,20 @@ and keeps the entries whose targets the module has. The map then answers, per te
 
 - `hf_shape(hf_name)`: the shape the Hugging Face tensor must have;
 - `ours(name, read)`: a mistura tensor built from Hugging Face's: renamed, transposed where
-  stored (in, out), cut out of a fused tensor, or stacked from one tensor per expert;
+  stored (in, out), its rows reordered where the two sides order them differently, cut out
+  of a fused tensor, or stacked from one tensor per expert;
 - `theirs(hf_name, read)`: the inverse, a Hugging Face tensor built from mistura's;
 
 where `read(name, index)` returns one stored tensor of the other side, or with an index
 only that slice of it (one expert of a stacked tensor). Going through `read` keeps
 conversions streaming: only the tensors in use are ever loaded. The shapes come from the
 module, which may live on the meta device, so they cannot drift from the model code.
+
+Two things depend on the config rather than on the table. A row order permutes the rows
+of a Hugging Face tensor (of its (out, in) form) named by a template: mistura's tensor is
+`hf[rows]`, and export writes `ours[argsort(rows)]`; DeepSeek-V3 checkpoints pair their
+rotary channels otherwise than mistura (see `hf_models`). And stored tensors under a
+passed-over prefix, modules that mistura does not run, are neither expected nor refused.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class Rule(NamedTuple):
     targets: tuple[str, ...]  # the mistura tensors it holds, in order along dim 0
     expert: int | None  # with `{e}`: the slice of the stacked targets it fills
     transposed: bool  # stored (in, out), the transpose of nn.Linear
+    rows: torch.Tensor | None  # mistura's order of its rows (of the (out, in) form): ours = hf[rows]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class TensorMap:
     feeds: dict[str, tuple[str, ...]]  # mistura name -> the Hugging Face tensors it comes from, in expert order
     tied: dict[str, str]  # alias -> owner, e.g. a tied lm_head.weight -> tok_emb.weight
     skipped: frozenset[str]  # Hugging Face names passed over: stored copies of tied parameters, mask buffers
+    passed_over: tuple[str, ...]  # prefixes of Hugging Face names passed over: modules that mistura does not run
 
     @classmethod
     def build(
@@ -57,17 +66,21 @@ class TensorMap:
         n_experts: int = 0,
         transposed: frozenset[str] = frozenset(),
         ignored: tuple[str, ...] = (),
+        rows: dict[str, torch.Tensor] | None = None,
+        passed_over: tuple[str, ...] = (),
         source: str = "the checkpoint",
     ) -> TensorMap:
         """The table `names` expanded over n_layer layers and n_experts experts for `module`.
 
         `transposed` lists the templates stored as (in, out), `ignored` those of buffers
-        that hold no weights. A parameter of `module` that no entry fills raises
+        that hold no weights, `rows` the row order of templates whose rows mistura orders
+        otherwise, `passed_over` the name prefixes of stored modules that import leaves
+        out. A parameter of `module` that no entry fills raises
         ConfigError (an adaptive norm's alpha has no Hugging Face counterpart); a
         persistent buffer may go without (the router's selection bias, see `unfed`).
         """
         shapes, tied, buffers = _expected_shapes(module)
-        expanded = _expand(names, n_layer, n_experts, transposed)
+        expanded = _expand(names, n_layer, n_experts, transposed, rows or {})
         rules = {hf: rule for hf, rule in expanded.items() if all(t in shapes for t in rule.targets)}
         feeds: dict[str, list[str]] = {}
         for hf_name, rule in rules.items():  # `_expand` lists the experts in order
@@ -78,7 +91,7 @@ class TensorMap:
             raise ConfigError(f"the config has parameters with no source in {source}: {some(unfilled)}")
         skipped = {hf for hf, rule in expanded.items() if all(t in tied for t in rule.targets)}
         skipped |= {name.format(i=i) for name in ignored for i in range(n_layer)}
-        return cls(rules, shapes, {t: tuple(hf) for t, hf in feeds.items()}, tied, frozenset(skipped))
+        return cls(rules, shapes, {t: tuple(hf) for t, hf in feeds.items()}, tied, frozenset(skipped), passed_over)
 
     @property
     def unfed(self) -> list[str]:
@@ -99,7 +112,11 @@ class TensorMap:
             raise CheckpointError(
                 f"the checkpoint is missing {some(missing)} (the source of {', '.join(self.rules[missing[0]].targets)})"
             )
-        extra = sorted(name for name in stored if name not in self.rules and name not in self.skipped)
+        extra = sorted(
+            name
+            for name in stored
+            if name not in self.rules and name not in self.skipped and not name.startswith(self.passed_over)
+        )
         if extra:
             raise CheckpointError(
                 f"the checkpoint has unexpected tensors {some(extra)} "
@@ -123,6 +140,8 @@ class TensorMap:
         """Hugging Face tensor `hf_name` from the mistura tensors `read` returns (an expert's slice alone)."""
         rule = self.rules[hf_name]
         tensor = torch.cat([read(target, rule.expert) for target in rule.targets])
+        if rule.rows is not None:
+            tensor = tensor[rule.rows.argsort()]  # the inverse permutation
         return (tensor.t() if rule.transposed else tensor).contiguous()
 
     def hf_names(self) -> list[str]:
@@ -136,10 +155,12 @@ class TensorMap:
         return shape if rule.expert is None else shape[1:]
 
     def _cut(self, hf_name: str, target: str, tensor: torch.Tensor) -> torch.Tensor:
-        """`target`'s rows of a Hugging Face tensor, turned (out, in) first if stored (in, out)."""
+        """`target`'s rows of a Hugging Face tensor, turned (out, in) if stored (in, out), in mistura's row order."""
         rule = self.rules[hf_name]
         if rule.transposed:
             tensor = tensor.t()
+        if rule.rows is not None:
+            tensor = tensor[rule.rows]
         rows = [self._part_shape(t, rule)[0] for t in rule.targets]
         at = rule.targets.index(target)
         return tensor.narrow(0, sum(rows[:at]), rows[at]).contiguous()
@@ -161,7 +182,9 @@ def _expected_shapes(module: nn.Module) -> tuple[Shapes, dict[str, str], set[str
     return shapes, tied, {name for name in shapes if name not in parameters}
 
 
-def _expand(names: Names, n_layer: int, n_experts: int, transposed: frozenset[str]) -> dict[str, Rule]:
+def _expand(
+    names: Names, n_layer: int, n_experts: int, transposed: frozenset[str], rows: dict[str, torch.Tensor]
+) -> dict[str, Rule]:
     """The table with `{i}` and `{e}` replaced by every layer and expert index: concrete HF name -> Rule."""
     rules: dict[str, Rule] = {}
     for template, ours in names.items():
@@ -169,7 +192,7 @@ def _expand(names: Names, n_layer: int, n_experts: int, transposed: frozenset[st
         for i in range(n_layer) if "{i}" in template else (0,):
             for e in range(n_experts) if "{e}" in template else (None,):
                 rules[template.format(i=i, e=e)] = Rule(
-                    tuple(t.format(i=i) for t in targets), e, template in transposed
+                    tuple(t.format(i=i) for t in targets), e, template in transposed, rows.get(template)
                 )
     return rules
 

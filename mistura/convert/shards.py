@@ -76,7 +76,7 @@ class WeightFiles:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._stored_dtypes: dict[str, str] = {}
         self._file_of: dict[str, Path] = {}
-        for path, names in _listed_files(Path(folder)).items():
+        for path, names in listed_files(Path(folder)).items():
             with _reading(path), safe_open(path, framework="pt") as file:
                 absent = sorted(set(names or ()) - set(file.keys()))
                 if absent:
@@ -192,7 +192,7 @@ def _pack(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
     return shards
 
 
-def _listed_files(folder: Path) -> dict[Path, list[str] | None]:
+def listed_files(folder: Path) -> dict[Path, list[str] | None]:
     """Each weights file of the folder, with the tensors the index places in it (None: all of them)."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder")

@@ -5,7 +5,8 @@ parameter so that norm weights and biases differ from their ones/zeros init (a s
 norm or a dropped bias would otherwise go unnoticed) and routers and shared-expert gates
 from their zero init, saves it with `save_pretrained` and converts the folder with the
 production importer, `mistura.convert.hf.from_hf`. Models run in eval mode, where
-mistura's experts are dropless as Hugging Face's are.
+mistura's experts are dropless as Hugging Face's are. DeepSeek-V3's selection bias is a
+buffer, zero at init: its cases draw it at random, so that it takes part in routing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 import torch
 
 from mistura.convert.hf import from_hf
+from mistura.convert.shards import WeightFiles
+from mistura.model import Transformer
 
 try:
     import transformers
@@ -29,6 +32,26 @@ CONTEXT = 64
 # No special tokens: greedy generation must never stop early on an end-of-sequence id.
 NO_SPECIAL_TOKENS = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
 QWEN_EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+# DeepSeek-V3: the first of 3 layers dense, then 8 routed experts (top-2) in 4 groups (2 eligible)
+# and a shared one; latent attention with distinct widths everywhere.
+DEEPSEEK_V3 = dict(
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    rms_norm_eps=1e-6,
+)
+# YaRN stretching an original context of 16 tokens 4 times: the tests' sequences reach past 16.
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=CONTEXT // 4)
 
 
 def _causal_lm(model_class, **overrides) -> torch.nn.Module:
@@ -49,6 +72,14 @@ def _causal_lm(model_class, **overrides) -> torch.nn.Module:
 
 def _llama(**overrides) -> torch.nn.Module:
     return _causal_lm(transformers.LlamaForCausalLM, **overrides)
+
+
+def _deepseek_v3(**overrides) -> torch.nn.Module:
+    model = _causal_lm(transformers.DeepseekV3ForCausalLM, **{**DEEPSEEK_V3, **overrides})
+    with torch.no_grad():
+        for layer in model.model.layers[DEEPSEEK_V3["first_k_dense_replace"] :]:
+            layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
+    return model
 
 
 CASES: dict[str, Callable[[], torch.nn.Module]] = {
@@ -87,6 +118,20 @@ CASES: dict[str, Callable[[], torch.nn.Module]] = {
         decoder_sparse_step=2,
         norm_topk_prob=False,
         **QWEN_EXPERTS,
+    ),
+    # Queries through a low-rank q_a_proj/q_b_proj, rotary channels interleaved (HF's default).
+    "deepseek-v3-interleaved": lambda: _deepseek_v3(q_lora_rank=12),
+    # Queries from one q_proj, rotary channels split in halves as mistura's, YaRN with both
+    # mscales (a cos/sin factor and a softmax scale), tied embeddings.
+    "deepseek-v3-yarn": lambda: _deepseek_v3(
+        q_lora_rank=None,
+        rope_interleave=False,
+        rope_parameters=dict(YARN, mscale=0.9, mscale_all_dim=0.7),
+        tie_word_embeddings=True,
+    ),
+    # Interleaved, with YaRN's mscale_all_dim alone: Hugging Face's cos/sin factor is then mscale(factor).
+    "deepseek-v3-yarn-interleaved": lambda: _deepseek_v3(
+        q_lora_rank=12, rope_parameters=dict(YARN, mscale_all_dim=1.0)
     ),
 }
 
@@ -135,6 +180,44 @@ def saved_case(tmp_path_factory) -> Callable[[str], Saved]:
 def saved(request, saved_case) -> Saved:
     """Every case in turn."""
     return saved_case(request.param)
+
+
+@pytest.fixture
+def native(tiny) -> Callable[..., Transformer]:
+    """native(preset, **overrides): a perturbed tiny mistura model, built in mistura rather than imported."""
+
+    def make(preset: str = "llama-tiny", **overrides) -> Transformer:
+        torch.manual_seed(0)
+        return perturbed(Transformer(tiny(preset, **overrides)))
+
+    return make
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+@pytest.fixture(scope="session")
+def stored_tensors() -> Callable[[Path], Tensors]:
+    """stored_tensors(folder): every tensor of a weights folder (one file or shards), by name."""
+
+    def read(folder: Path) -> Tensors:
+        with WeightFiles(folder) as files:
+            return {name: files.read(name) for name in files.shapes}
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def assert_same_tensors() -> Callable[[Tensors, Tensors], None]:
+    """assert_same_tensors(got, expected): the same names, dtypes and values, bit for bit."""
+
+    def check(got: Tensors, expected: Tensors) -> None:
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert got[name].dtype == tensor.dtype, name
+            assert torch.equal(got[name], tensor), name
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
-"""DeepSeek-V3's MoE block against Hugging Face's, through the name table of the importer to come.
+"""DeepSeek-V3's MoE block on its own against Hugging Face's, through the importer's name table.
 
-mistura cannot import whole DeepSeek-V3 models yet (their attention, MLA, is still to
-come), but a `MoELayer` can already hold and run their MoE blocks. A tiny random
+Whole DeepSeek-V3 models are tested in test_hf_deepseek_v3.py and the shared parity tests;
+here one block is checked alone, routing decision by decision. A tiny random
 `DeepseekV3ForCausalLM` (layer 0 dense, layer 1 MoE) is saved with `save_pretrained`,
 so the block's tensors come in the per-expert layout of Hub checkpoints, and
 `DEEPSEEK_V3_MOE_NAMES` loads layer 1's into a `MoELayer` that `deepseek_v3_moe_fields`

@@ -1,7 +1,8 @@
 """Export to Hugging Face: `to_hf` folders that transformers loads with no custom code, to the same logits.
 
 Three directions are checked: Hugging Face -> mistura -> Hugging Face gives back every tensor
-of the original folder bit for bit (the name tables inverted); mistura -> Hugging Face ->
+of the original folder bit for bit (the name tables inverted; DeepSeek-V3's interleaved
+rotary rows come back in mistura's half-split order, as config.json then says); mistura -> Hugging Face ->
 mistura gives back every tensor of the checkpoint, dtype included; and models built in
 mistura (not imported) compute under transformers what they compute here. Configs that no
 Hugging Face model type can express are refused, naming the feature, before anything is written.
@@ -25,54 +26,61 @@ transformers = pytest.importorskip("transformers")
 
 from mistura.checkpoint import save_model  # noqa: E402
 from mistura.convert.hf import from_hf, hf_config, to_hf  # noqa: E402
-from mistura.convert.shards import WeightFiles  # noqa: E402
 from mistura.errors import CheckpointError, ConfigError  # noqa: E402
 from mistura.model import Transformer  # noqa: E402
 
 
-def _tensors(folder) -> dict[str, torch.Tensor]:
-    with WeightFiles(folder) as files:
-        return {name: files.read(name) for name in files.shapes}
-
-
-def _assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name], tensor), name
+def _written_back(saved) -> dict[str, torch.Tensor]:
+    """The tensors of a saved Hugging Face folder as export writes them: the same, but for
+    interleaved rotary rows (DeepSeek-V3's rope_interleave), whose pairs (2i, 2i + 1) become
+    mistura's (i, i + D/2): even rows first, then odd ones."""
+    tensors = load_file(saved.folder / "model.safetensors")
+    config = saved.hf_model.config
+    if not getattr(config, "rope_interleave", False):
+        return tensors
+    nope, rope, rank = config.qk_nope_head_dim, config.qk_rope_head_dim, config.kv_lora_rank
+    for name, tensor in tensors.items():
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            heads = tensor.view(config.num_attention_heads, nope + rope, -1)  # (H, D_nope + D_rope, in)
+            rotary = heads[:, nope:]
+            tensors[name] = torch.cat((heads[:, :nope], rotary[:, 0::2], rotary[:, 1::2]), dim=1).view_as(tensor)
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            rotary = tensor[rank:]
+            tensors[name] = torch.cat((tensor[:rank], rotary[0::2], rotary[1::2]))
+    return tensors
 
 
 @torch.no_grad()
-def test_export_gives_back_the_hugging_face_model(saved, tmp_path, make_ids):
+def test_export_gives_back_the_hugging_face_model(saved, tmp_path, make_ids, assert_same_tensors):
     """Hugging Face -> mistura -> Hugging Face, as the original model type: the same folder, tensor for tensor."""
     model_type = saved.hf_model.config.model_type
     out = to_hf(saved.checkpoint, tmp_path / "hf", model_type=model_type)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type and config["dtype"] == "float32"
     assert config["architectures"] == [type(saved.hf_model).__name__]
-    _assert_same_tensors(load_file(out / "model.safetensors"), load_file(saved.folder / "model.safetensors"))
+    assert_same_tensors(load_file(out / "model.safetensors"), _written_back(saved))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(reloaded) is type(saved.hf_model)
     ids = make_ids(2, 32)
     torch.testing.assert_close(reloaded(ids).logits, saved.hf_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_round_trip_is_bit_exact(saved, tmp_path):
+def test_round_trip_is_bit_exact(saved, tmp_path, stored_tensors, assert_same_tensors):
     """mistura -> Hugging Face (the model type the architecture calls for) -> mistura."""
     back = from_hf(to_hf(saved.checkpoint, tmp_path / "hf"), tmp_path / "back")
-    _assert_same_tensors(_tensors(back), _tensors(saved.checkpoint))
+    assert_same_tensors(stored_tensors(back), stored_tensors(saved.checkpoint))
     config, expected = (json.loads((ckpt / "config.json").read_text()) for ckpt in (back, saved.checkpoint))
     assert dict(config, name=None) == dict(expected, name=None)  # the name tells the model type imported
 
 
-def test_round_trip_keeps_bf16(saved_case, tmp_path):
+def test_round_trip_keeps_bf16(saved_case, tmp_path, stored_tensors, assert_same_tensors):
     ckpt = from_hf(saved_case("qwen2-moe-shared-dense").folder, tmp_path / "bf16", dtype="bf16")
     hf = to_hf(ckpt, tmp_path / "hf")
     assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"
     assert {tensor.dtype for tensor in load_file(hf / "model.safetensors").values()} == {torch.bfloat16}
-    tensors = _tensors(ckpt)
+    tensors = stored_tensors(ckpt)
     assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}
-    _assert_same_tensors(_tensors(from_hf(hf, tmp_path / "back")), tensors)
+    assert_same_tensors(stored_tensors(from_hf(hf, tmp_path / "back")), tensors)
 
 
 MOE = dict(n_experts=4, top_k=2, d_expert=32)
@@ -94,34 +102,23 @@ NATIVE = {
 }
 
 
-def _native(tiny, overrides: dict) -> Transformer:
-    """A perturbed tiny mistura model: norms and biases away from their ones/zeros init."""
-    overrides = dict(overrides)
-    torch.manual_seed(0)
-    model = Transformer(tiny(overrides.pop("preset", "llama-tiny"), **overrides))
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    return model.eval()
-
-
 @pytest.mark.parametrize("case", sorted(NATIVE))
 @torch.no_grad()
-def test_mistura_models_run_the_same_in_transformers(case, tiny, tmp_path):
+def test_mistura_models_run_the_same_in_transformers(case, native, tmp_path, stored_tensors, assert_same_tensors):
     """Same logits under transformers; back in mistura, the same tensors."""
     overrides, model_type = NATIVE[case]
-    model = _native(tiny, overrides)
+    model = native(**overrides)
     ckpt = save_model(tmp_path / "ckpt", model)
     out = to_hf(ckpt, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["model_type"] == model_type
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(reloaded(ids).logits, model(ids), atol=1e-4, rtol=1e-4)
-    _assert_same_tensors(_tensors(from_hf(out, tmp_path / "back")), _tensors(ckpt))
+    assert_same_tensors(stored_tensors(from_hf(out, tmp_path / "back")), stored_tensors(ckpt))
 
 
-def test_an_equivalent_model_type_may_be_chosen(tiny, tmp_path):
-    model = _native(tiny, {})
+def test_an_equivalent_model_type_may_be_chosen(native, tmp_path):
+    model = native()
     out = to_hf(save_model(tmp_path / "ckpt", model), tmp_path / "hf", model_type="mistral")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(reloaded, transformers.MistralForCausalLM)

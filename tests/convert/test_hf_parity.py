@@ -63,6 +63,7 @@ def test_hugging_face_folder_loads_as_it_is(saved, make_ids):
         ("mixtral", "mixtral"),
         ("qwen2-moe-shared-dense", "qwen2_moe"),
         ("qwen3-moe-raw-topk-step2", "qwen3_moe"),
+        ("deepseek-v3-yarn", "deepseek_v3"),
     ],
 )
 def test_architecture_tells_the_model_type(saved_case, case, model_type):
@@ -287,7 +288,8 @@ def test_sliding_window_as_wide_as_the_context_is_accepted():
     [
         (
             dict(model_type="bert"),
-            r"'bert' is not supported; supported: gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3_moe",
+            r"'bert' is not supported; supported: deepseek_v3, gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, "
+            "qwen3_moe",
         ),
         (dict(LLAMA_DICT, quantization_config={"quant_method": "fp8"}), r"mistura convert fp8-to-bf16"),
         (dict(LLAMA_DICT, quantization_config={"quant_method": "gptq", "bits": 4}), r"quant_method 'gptq'"),
