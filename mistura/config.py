@@ -334,6 +334,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 # experts, a capacity factor and the Switch balance loss (weight 0.01). Expert widths keep the
 # active parameters near the baseline's: top-1 experts as wide as its MLP (768), top-2 half as wide.
 _SEED004 = PRESETS["seed004-baseline"]
+# The CPU-scale DeepSeek body and routing shared by deepseek-moe-tiny and dragao-tiny.
+_DEEPSEEK_TINY = dict(n_layer=6, d_model=256, n_head=8, d_ff=768, tie_embeddings=True, first_dense_layers=1)
+_DEEPSEEK_TINY_MOE = dict(
+    n_experts=16,
+    top_k=3,
+    scoring="sigmoid",
+    norm_topk=True,
+    n_groups=4,
+    topk_groups=2,
+    balance_bias_rate=0.01,
+    seq_aux_loss_weight=1e-4,
+)
 PRESETS |= {
     "qwen-moe-4e-top1": dict(
         _SEED004, moe=dict(n_experts=4, top_k=1, d_expert=768, capacity_factor=1.0, aux_loss_weight=0.01)
@@ -347,27 +359,7 @@ PRESETS |= {
     # DeepSeekMoE (seed 000) at CPU scale, Llama-style: a dense first layer, then 16 fine-grained
     # experts (3 active) in 4 groups (2 eligible per token), one shared expert, sigmoid scores,
     # auxiliary-loss-free balancing and a small sequence-wise balance loss.
-    "deepseek-moe-tiny": dict(
-        n_layer=6,
-        d_model=256,
-        n_head=8,
-        n_kv_head=4,
-        d_ff=768,
-        tie_embeddings=True,
-        first_dense_layers=1,
-        moe=dict(
-            n_experts=16,
-            top_k=3,
-            d_expert=192,
-            d_shared=192,
-            scoring="sigmoid",
-            norm_topk=True,
-            n_groups=4,
-            topk_groups=2,
-            balance_bias_rate=0.01,
-            seq_aux_loss_weight=1e-4,
-        ),
-    ),  # fmt: skip
+    "deepseek-moe-tiny": dict(_DEEPSEEK_TINY, n_kv_head=4, moe=dict(_DEEPSEEK_TINY_MOE, d_expert=192, d_shared=192)),
     # Seed 003's collaborative experts (LunarisCodex-MoC) at CPU scale, Llama-style: every
     # MLP is a MoC layer of 4 experts, 2 fused per token. MoC runs all 4 experts for every
     # token: at width 192 they cost what seed 004's dense 768-wide MLP does, and the layer's
@@ -466,25 +458,9 @@ PRESETS |= {
     # the context). Embeddings are tied, as in the other CPU presets: at this width an untied
     # head would add a quarter to the model.
     "dragao-tiny": dict(
-        n_layer=6,
-        d_model=256,
-        n_head=8,
-        d_ff=768,
+        _DEEPSEEK_TINY,
         norm_eps=1e-6,
-        tie_embeddings=True,
-        first_dense_layers=1,
         mla=dict(q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
-        moe=dict(
-            n_experts=16,
-            top_k=3,
-            d_expert=64,
-            d_shared=64,
-            scoring="sigmoid",
-            norm_topk=True,
-            n_groups=4,
-            topk_groups=2,
-            balance_bias_rate=0.01,
-            seq_aux_loss_weight=1e-4,
-        ),
+        moe=dict(_DEEPSEEK_TINY_MOE, d_expert=64, d_shared=64),
     ),
 }

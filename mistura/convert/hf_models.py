@@ -57,7 +57,7 @@ class HFModelType:
     write_config: Callable[[ModelConfig], dict[str, Any]]  # config.json fields, bar model_type, dtype, token ids
     architecture: str  # the causal-LM class config.json names, for AutoModelForCausalLM
     names: Names
-    prefix: str  # what *ForCausalLM puts before the base model's names
+    prefix: str = "model."  # what *ForCausalLM puts before the base model's names
     transposed: frozenset[str] = frozenset()  # HF templates stored as (in, out)
     ignored: tuple[str, ...] = ()  # HF templates of buffers that hold no weights
     # HF template -> the order of its rows in mistura (ours = hf[rows]), for a config.json and its ModelConfig.
@@ -747,7 +747,6 @@ MODEL_TYPES: dict[str, HFModelType] = {
         write_config=_llama_hf,
         architecture="LlamaForCausalLM",
         names=LLAMA_NAMES,
-        prefix="model.",
         ignored=("model.layers.{i}.self_attn.rotary_emb.inv_freq",),  # old checkpoints saved it
     ),
     "mistral": HFModelType(
@@ -755,42 +754,36 @@ MODEL_TYPES: dict[str, HFModelType] = {
         write_config=_mistral_hf,
         architecture="MistralForCausalLM",
         names=LLAMA_NAMES,
-        prefix="model.",
     ),
     "qwen2": HFModelType(
         read_config=_qwen2_config,
         write_config=_qwen2_hf,
         architecture="Qwen2ForCausalLM",
         names=LLAMA_NAMES,
-        prefix="model.",
     ),
     "mixtral": HFModelType(
         read_config=_mixtral_config,
         write_config=_mixtral_hf,
         architecture="MixtralForCausalLM",
         names=LLAMA_BODY_NAMES | _in_layers("block_sparse_moe", MIXTRAL_MOE_NAMES),
-        prefix="model.",
     ),
     "qwen2_moe": HFModelType(
         read_config=_qwen2_moe_config,
         write_config=_qwen2_moe_hf,
         architecture="Qwen2MoeForCausalLM",
         names=LLAMA_NAMES | _in_layers("mlp", QWEN2_MOE_NAMES),
-        prefix="model.",
     ),
     "qwen3_moe": HFModelType(
         read_config=_qwen3_moe_config,
         write_config=_qwen3_moe_hf,
         architecture="Qwen3MoeForCausalLM",
         names=LLAMA_NAMES | _in_layers("mlp", ROUTED_EXPERTS_NAMES),
-        prefix="model.",
     ),
     "deepseek_v3": HFModelType(
         read_config=_deepseek_v3_config,
         write_config=_deepseek_v3_hf,
         architecture="DeepseekV3ForCausalLM",
         names=DEEPSEEK_V3_NAMES,
-        prefix="model.",
         row_orders=_deepseek_v3_rows,
         passed_over=_deepseek_v3_mtp,
     ),

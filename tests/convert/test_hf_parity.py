@@ -96,18 +96,22 @@ LLAMA_DICT = dict(
 GPT2_DICT = dict(model_type="gpt2", vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32)
 MISTRAL_DICT = dict(LLAMA_DICT, model_type="mistral", sliding_window=None)
 QWEN2_DICT = dict(LLAMA_DICT, model_type="qwen2")
+# The shape of the config-reading tests: every field differs from its default.
+SHAPE = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def test_config_from_hf_reads_llama_fields():
     hf = transformers.LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        **SHAPE,
         head_dim=16,
-        max_position_embeddings=128,
         rms_norm_eps=3e-6,
         tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 250000.0},
@@ -139,13 +143,7 @@ def test_config_from_hf_reads_gpt2_fields():
 
 def test_config_from_hf_reads_mistral_fields():
     hf = transformers.MistralConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **SHAPE,
         sliding_window=None,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
     ).to_dict()
@@ -157,13 +155,7 @@ def test_config_from_hf_reads_mistral_fields():
 
 def test_config_from_hf_reads_qwen2_fields():
     hf = transformers.Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        **SHAPE,
         tie_word_embeddings=True,
     ).to_dict()
     config = config_from_hf(hf)
@@ -185,15 +177,9 @@ QWEN2_MOE_DICT = dict(QWEN3_MOE_DICT, model_type="qwen2_moe", shared_expert_inte
 
 def test_config_from_hf_reads_mixtral_fields():
     hf = transformers.MixtralConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        **SHAPE,
         num_local_experts=6,
         num_experts_per_tok=3,
-        max_position_embeddings=128,
         router_aux_loss_coef=0.02,
         router_jitter_noise=0.1,
     ).to_dict()
@@ -214,19 +200,13 @@ def test_missing_mixtral_options_take_its_defaults():
 
 def test_config_from_hf_reads_qwen2_moe_fields():
     hf = transformers.Qwen2MoeConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
+        **dict(SHAPE, num_hidden_layers=4),
         num_experts=6,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         shared_expert_intermediate_size=96,
         norm_topk_prob=True,
         mlp_only_layers=[2],
-        max_position_embeddings=128,
     ).to_dict()
     config = config_from_hf(hf)
     assert config.layer_mlp == ("moe", "moe", "dense", "moe")
