@@ -41,29 +41,70 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = mistura.load(summary["checkpoint"])
     tokenizer = mistura.load_tokenizer(summary["checkpoint"])
     print("\nsamples:")
-    for prompt in run.sample.prompts:
-        print(f"  {prompt}{generate_text(model, tokenizer, prompt, run.sample)}\n")
+    for prompt, text in zip(run.sample.prompts, generate_text(model, tokenizer, run.sample.prompts, run.sample)):
+        print(f"  {prompt}{text}\n")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     import mistura
     from mistura.errors import ConfigError
     from mistura.infer.generate import generate_file, generate_text
-    from mistura.infer.sampling import Sampling
 
     if (args.prompt is None) == (args.input_file is None):
         raise ConfigError("give either --prompt or --input-file")
-    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = sampling_from_args(args)
     model = mistura.load(args.checkpoint)
     tokenizer = mistura.load_tokenizer(args.checkpoint)
     if args.input_file is not None:
         output = args.output or str(Path(args.input_file).with_suffix(".jsonl"))
-        count = generate_file(model, tokenizer, args.input_file, output, sampling)
+        count = generate_file(model, tokenizer, args.input_file, output, sampling, args.batch_size)
         print(f"{count} completions written to {output}")
         return
     print(args.prompt, end="", flush=True)
-    generate_text(model, tokenizer, args.prompt, sampling, on_text=lambda t: print(t, end="", flush=True))
+    generate_text(model, tokenizer, [args.prompt], sampling, on_text=lambda _, text: print(text, end="", flush=True))
     print()
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from mistura.infer.chat import open_chat, repl
+
+    repl(open_chat(args.checkpoint, sampling_from_args(args), system=args.system))
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+    """The flags of mistura.infer.sampling.Sampling, with Portuguese aliases."""
+    parser.add_argument("--max-new-tokens", "--max-novos-tokens", type=int, default=100, dest="max_new_tokens")
+    parser.add_argument("--temperature", "--temperatura", type=float, default=temperature, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, help="keep the most likely tokens up to this probability mass")
+    parser.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
+    parser.add_argument(
+        "--repetition-penalty", "--penalidade-repeticao", type=float, default=1.0, help=">1 discourages repeats"
+    )
+    parser.add_argument(
+        "--stop",
+        "--parar",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a row at this text; \\n is a newline (repeatable)",
+    )
+    parser.add_argument("--seed", "--semente", type=int, default=0)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from mistura.infer.sampling import Sampling
+
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop),
+        seed=args.seed,
+    )
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -252,17 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt, or every line of a prompts file")
+    p = sub.add_parser("generate", help="continue a prompt, or every line of a prompts file (batched, JSONL)")
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--prompt")
-    p.add_argument("--input-file", help="one prompt per line; writes JSONL")
-    p.add_argument("--output", help="JSONL output (default: the input file with .jsonl)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--input-file", "--arquivo", help="one prompt per line; writes JSONL")
+    p.add_argument("--output", "--saida", help="JSONL output (default: the input file with .jsonl)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "chat",
+        help="talk with a checkpoint: a REPL keeping the conversation (/sair or /exit ends, /limpar or /clear resets)",
+    )
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--system", "--sistema", metavar="TEXT", help="system prompt, kept when old turns are dropped")
+    add_sampling_options(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat, max_new_tokens=64)
 
     p = sub.add_parser("params", help="parameter counts and KV-cache size of a preset or run config")
     p.add_argument("config", help="a preset name (e.g. gpt2-small) or a run config YAML")

@@ -39,3 +39,16 @@ def prepared(small_corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare(str(small_corpus), out, vocab_size=384, val_fraction=0.3, seed=0, log=lambda *a: None)
     return out
+
+
+@pytest.fixture
+def greedy():
+    """greedy(model, prompt (B, T), n): the engine's greedy continuation as (B, T + n), like Hugging Face's generate."""
+    from mistura.infer.engine import generate
+    from mistura.infer.sampling import Sampling
+
+    def run(model, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        new = generate(model, prompt, Sampling(max_new_tokens=max_new_tokens, temperature=0))
+        return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)], dim=1)
+
+    return run

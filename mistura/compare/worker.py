@@ -75,7 +75,7 @@ def sample(checkpoint: str, generation: GenerationConfig, device) -> list[dict[s
         {
             "prompt": prompt,
             "seed": seed,
-            "completion": generate_text(model, tokenizer, prompt, dataclasses.replace(generation, seed=seed)),
+            "completion": generate_text(model, tokenizer, [prompt], dataclasses.replace(generation, seed=seed))[0],
         }
         for prompt in generation.prompts
         for seed in generation.seeds

@@ -37,6 +37,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, D_model)
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) for padded batches, else causal
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
@@ -52,12 +53,26 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            attn_mask=prefix_causal_mask(start, T, x.device) if start and T > 1 else None,
-            is_causal=start == 0 and T > 1,
+            **causal_mask_args(mask, start, T, x.device),
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def causal_mask_args(mask: torch.Tensor | None, start: int, length: int, device: torch.device) -> dict:
+    """SDPA's attn_mask / is_causal for `length` new queries after `start` cached tokens.
+
+    A given mask wins; a single query sees every cached key (no mask); a prompt from
+    the start is plain causal; new tokens after cached ones need the prefix mask.
+    """
+    if mask is not None:
+        return {"attn_mask": mask}
+    if length == 1:
+        return {}
+    if start == 0:
+        return {"is_causal": True}
+    return {"attn_mask": prefix_causal_mask(start, length, device)}
 
 
 def prefix_causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor:
@@ -65,3 +80,15 @@ def prefix_causal_mask(start: int, length: int, device: torch.device) -> torch.T
     rows = torch.arange(start, start + length, device=device)[:, None]
     cols = torch.arange(start + length, device=device)[None, :]
     return cols <= rows
+
+
+def padded_causal_mask(pad: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """(B, 1, T, start + T) boolean mask for left-padded rows: row b's keys before pad[b] are hidden.
+
+    A padding slot's query sees itself alone, so no softmax row is empty.
+    """
+    causal = prefix_causal_mask(start, length, pad.device)  # (T, S)
+    cols = torch.arange(start + length, device=pad.device)
+    real = cols[None, :] >= pad[:, None]  # (B, S)
+    itself = cols[None, :] == torch.arange(start, start + length, device=pad.device)[:, None]  # (T, S)
+    return ((causal & real[:, None, :]) | itself)[:, None]

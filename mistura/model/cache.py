@@ -22,17 +22,31 @@ from mistura.errors import ConfigError
 
 
 class Cache:
-    """Where decoding stands: tokens [0, pos) are cached, out of room for max_len."""
+    """Where decoding stands: tokens [0, pos) are cached, out of room for max_len.
+
+    A batch of prompts of different lengths is left-padded to a common length: `pad`
+    (B,) then holds each row's count of padding slots at the start, which the model
+    masks out of attention and leaves out of positions (row b's slot i is position
+    i - pad[b]). None means no padding.
+    """
 
     def __init__(self, max_len: int):
         self.max_len = max_len
         self.pos = 0
+        self.pad: torch.Tensor | None = None
 
     def advance(self, length: int) -> None:
         self.pos += length
 
+    def rewind(self, pos: int) -> None:
+        """Forget the tokens from `pos` on (e.g. rejected speculative drafts); later writes overwrite them."""
+        if not 0 <= pos <= self.pos:
+            raise ConfigError(f"cannot rewind a cache holding {self.pos} tokens to position {pos}")
+        self.pos = pos
+
     def reset(self) -> None:
         self.pos = 0
+        self.pad = None
 
 
 class KVCache(Cache):

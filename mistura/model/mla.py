@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistura.config import ModelConfig
-from mistura.model.attention import prefix_causal_mask
+from mistura.model.attention import causal_mask_args, prefix_causal_mask
 from mistura.model.cache import KVCache, LatentCache
 from mistura.model.norm import RMSNorm
 from mistura.model.rope import apply_rope, yarn_mscale
@@ -76,6 +76,7 @@ class MultiHeadLatentAttention(nn.Module):
         x: torch.Tensor,  # (B, T, D_model)
         rope: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | LatentCache | None,
+        mask: torch.Tensor | None = None,  # (B, 1, T, S) for padded batches, else causal
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
@@ -86,13 +87,19 @@ class MultiHeadLatentAttention(nn.Module):
         q_pe = apply_rope(q_pe, *rope)
         k_pe = apply_rope(k_pe[:, None], *rope)  # (B, 1, T, D_rope): one rotary key for all heads
         if isinstance(cache, LatentCache):
-            y = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, 0], cache)
+            y = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, 0], cache, mask)
         else:
-            y = self._naive(q_nope, q_pe, c_kv, k_pe, cache)
+            y = self._naive(q_nope, q_pe, c_kv, k_pe, cache, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))  # (B, T, D_model)
 
     def _naive(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cache: KVCache | None
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        cache: KVCache | None,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Every head's keys and values expanded from the latent, then ordinary attention: (B, H, T, D_v)."""
         B, H, T, _ = q_nope.shape
@@ -108,14 +115,19 @@ class MultiHeadLatentAttention(nn.Module):
             q,
             k,
             v,
-            attn_mask=prefix_causal_mask(start, T, q.device) if start and T > 1 else None,
-            is_causal=start == 0 and T > 1,
+            **causal_mask_args(mask, start, T, q.device),
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         )
 
     def _absorbed(
-        self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        cache: LatentCache,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """Attention over the cached latent with kv_b_proj folded into query and output: (B, H, T, D_v)."""
         B, H, T, _ = q_nope.shape
@@ -127,11 +139,13 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_latent, q_pe), dim=-1).reshape(B, 1, H * T, self.rank + self.rope_dim)
         start = cache.pos
         keys = cache.update(self.layer, c_kv, k_pe)[:, None]  # (B, 1, S, r + D_rope); values: its first r
+        if mask is None and T > 1:
+            mask = prefix_causal_mask(start, T, q.device)
         y = F.scaled_dot_product_attention(
             q,
             keys,
             keys[..., : self.rank],
-            attn_mask=prefix_causal_mask(start, T, q.device).repeat(H, 1) if T > 1 else None,  # row h*T + t
+            attn_mask=torch.cat([mask] * H, dim=-2) if mask is not None else None,  # row h*T + t: head h, query t
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         ).view(B, H, T, self.rank)

@@ -39,9 +39,13 @@ class RotaryEmbedding(nn.Module):
         """cos and sin for positions start .. start + length - 1, each (length, D/2)."""
         return self.cos[start : start + length], self.sin[start : start + length]
 
+    def at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for a position per row and token, positions (B, T): each (B, 1, T, D/2), one for all heads."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, D) by the angles behind cos and sin (T, D/2)."""
+    """Rotate x (B, H, T, D) by the angles behind cos and sin (T, D/2), or (B, 1, T, D/2) per row."""
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return rotated.type_as(x)

@@ -11,7 +11,6 @@ attention, YaRN, DeepSeekMoE layers); `ModelConfig` picks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -19,8 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mistura.config import ModelConfig
 from mistura.errors import ConfigError
-from mistura.infer.sampling import check_sampling, sample_next
-from mistura.model.attention import Attention
+from mistura.model.attention import Attention, padded_causal_mask
 from mistura.model.cache import Cache, KVCache, LatentCache
 from mistura.model.mla import MultiHeadLatentAttention
 from mistura.model.mlp import dense_mlp
@@ -42,8 +40,8 @@ class Block(nn.Module):
         self.mlp = LAYER_MLPS[config.layer_mlp[layer]](config)
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
-    def forward(self, x, rope, cache) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache))
+    def forward(self, x, rope, cache, mask=None) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rope, cache, mask))
         if self.routed:
             y, aux = self.mlp(self.mlp_norm(x))
             return x + y, aux
@@ -114,17 +112,21 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         self._check_length(start + T, cache)
+        positions, mask = self._positions(start, T, cache, idx.device)
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         x = self.emb_dropout(x)
-        rope = self.rope(start, T) if self.rope is not None else None
+        if self.rope is None:
+            rope = None
+        else:
+            rope = self.rope(start, T) if mask is None else self.rope.at(positions)
         auxes = []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                x, aux = checkpoint(block, x, rope, cache, use_reentrant=False)
+                x, aux = checkpoint(block, x, rope, cache, mask, use_reentrant=False)
             else:
-                x, aux = block(x, rope, cache)
+                x, aux = block(x, rope, cache, mask)
             if aux is not None:
                 auxes.append(aux)
         if cache is not None:
@@ -134,6 +136,17 @@ class Transformer(nn.Module):
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         return (logits, auxes) if return_aux else logits
+
+    @staticmethod
+    def _positions(
+        start: int, length: int, cache: Cache | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of the new tokens, (T,) or (B, T) for a left-padded batch, and that batch's attention mask."""
+        slots = torch.arange(start, start + length, device=device)
+        if cache is None or cache.pad is None:
+            return slots, None
+        positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T); padding slots sit at 0
+        return positions, padded_causal_mask(cache.pad, start, length)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, those each token uses, and the embeddings'.
@@ -177,43 +190,3 @@ class Transformer(nn.Module):
         param = self.tok_emb.weight
         kind = LatentCache if self.config.mla is not None and latent else KVCache
         return kind(self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,  # (B, T) prompt ids
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_id: int | None = None,
-        generator: torch.Generator | None = None,
-        on_token: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Prompt plus up to max_new_tokens new ids (B, T + n); greedy when temperature is 0.
-
-        Decoding runs on a KV cache: the prompt is processed once, then one token per
-        step. A row that produced `eos_id` keeps emitting it; generation stops when
-        every row has, or when the model's context (max_seq_len) is full. `on_token`
-        receives each step's new ids (B,) as they are chosen, for streaming.
-        """
-        check_sampling(temperature, top_k, top_p)
-        B, T = idx.shape
-        if T == 0:
-            raise ConfigError("the prompt is empty: give at least one token")
-        steps = min(max_new_tokens, self.config.max_seq_len - T)
-        cache = self.new_cache(B, T + steps)
-        logits = self(idx, cache)[:, -1]  # (B, V)
-        out, done = [idx], torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for step in range(steps):
-            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos_id is not None:
-                token = token.masked_fill(done, eos_id)
-                done |= token == eos_id
-            out.append(token[:, None])
-            if on_token is not None:
-                on_token(token)
-            if step == steps - 1 or (eos_id is not None and bool(done.all())):
-                break
-            logits = self(token[:, None], cache)[:, -1]
-        return torch.cat(out, dim=1)

@@ -37,13 +37,13 @@ def test_logits_match(saved, make_ids):
     torch.testing.assert_close(model(ids), saved.hf_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_generation_matches(saved, make_ids):
+def test_greedy_generation_matches(saved, make_ids, greedy):
     prompt = make_ids(2, 8)
     expected = saved.hf_model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False
     )
     assert expected.shape == (2, 32)
-    assert torch.equal(mistura.load(saved.checkpoint).generate(prompt, 24, temperature=0.0), expected)
+    assert torch.equal(greedy(mistura.load(saved.checkpoint), prompt, 24), expected)
 
 
 @torch.no_grad()

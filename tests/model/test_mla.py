@@ -171,10 +171,10 @@ def test_model_cached_decoding_equals_full_recompute(latent):
 
 
 @pytest.mark.parametrize("q_lora_rank", [None, 12])
-def test_cached_greedy_generation_equals_recomputing(q_lora_rank):
+def test_cached_greedy_generation_equals_recomputing(q_lora_rank, greedy):
     model = tiny_mla_model(q_lora_rank)
     prompt = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(3))
-    cached = model.generate(prompt, max_new_tokens=12, temperature=0)
+    cached = greedy(model, prompt, 12)
     seq = prompt
     with torch.no_grad():
         for _ in range(12):

@@ -100,44 +100,16 @@ def test_cached_decoding_equals_full_recompute(tiny, preset):
     assert cache.pos == 14
 
 
-def test_cached_greedy_generation_equals_recomputing(tiny):
+def test_cached_greedy_generation_equals_recomputing(tiny, greedy):
     config = tiny("llama-tiny")
     torch.manual_seed(0)
     model = Transformer(config).eval()
     prompt = ids(config, T=4)
-    cached = model.generate(prompt, max_new_tokens=12, temperature=0)
+    cached = greedy(model, prompt, 12)
     seq = prompt
     for _ in range(12):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, seq)
-
-
-def test_generate_stops_at_eos_and_context(tiny):
-    config = tiny("llama-tiny")
-    torch.manual_seed(0)
-    model = Transformer(config).eval()
-    prompt = ids(config, B=1, T=4)
-    first = int(model.generate(prompt, 1, temperature=0)[0, -1])
-    out = model.generate(prompt, 10, temperature=0, eos_id=first)
-    assert out.shape == (1, 5) and out[0, -1] == first
-    assert model.generate(prompt, 1000, temperature=0).shape[1] == config.max_seq_len
-
-
-def test_sampling_is_seeded_and_validated(tiny):
-    config = tiny("llama-tiny")
-    model = Transformer(config).eval()
-    prompt = ids(config, B=1, T=3)
-
-    def run(seed):
-        return model.generate(
-            prompt, 8, temperature=1.0, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(seed)
-        )
-
-    assert torch.equal(run(1), run(1))
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate(prompt, 3, top_p=0.0)
-    with pytest.raises(ValueError, match="empty"):
-        model.generate(prompt[:, :0], 3)
 
 
 def test_tied_embeddings_share_one_tensor(tiny):
