@@ -71,9 +71,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
     repl(open_chat(args.checkpoint, sampling_from_args(args), system=args.system))
 
 
-def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 0.8) -> None:
+def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 100) -> None:
     """The flags of mistura.infer.sampling.Sampling, with Portuguese aliases."""
-    parser.add_argument("--max-new-tokens", "--max-novos-tokens", type=int, default=100, dest="max_new_tokens")
+    parser.add_argument(
+        "--max-new-tokens",
+        "--max-novos-tokens",
+        type=int,
+        default=max_new_tokens,
+        dest="max_new_tokens",
+        help=f"most tokens to generate (default: {max_new_tokens})",
+    )
     parser.add_argument("--temperature", "--temperatura", type=float, default=temperature, help="0 is greedy")
     parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, help="keep the most likely tokens up to this probability mass")
@@ -215,6 +222,15 @@ def cmd_convert_fp8(args: argparse.Namespace) -> None:
     print(f"written to {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from mistura.quant import QuantConfig, quantize_checkpoint, weights_bytes
+
+    quant = QuantConfig(args.format, args.group_size)
+    out = quantize_checkpoint(args.checkpoint, args.out, quant)
+    before, after = weights_bytes(args.checkpoint), weights_bytes(out)
+    print(f"{quant.format} checkpoint written to {out}: weights {after:,} bytes, {before / after:.2f}x smaller")
+
+
 def add_convert_parser(sub: argparse._SubParsersAction) -> None:
     """`mistura convert KIND ...`: one subcommand per conversion."""
     p = sub.add_parser("convert", help="convert checkpoints between mistura and Hugging Face formats")
@@ -308,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--system", "--sistema", metavar="TEXT", help="system prompt, kept when old turns are dropped")
-    add_sampling_options(p, temperature=0.7)
-    p.set_defaults(func=cmd_chat, max_new_tokens=64)
+    add_sampling_options(p, temperature=0.7, max_new_tokens=64)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("params", help="parameter counts and KV-cache size of a preset or run config")
     p.add_argument("config", help="a preset name (e.g. gpt2-small) or a run config YAML")
@@ -341,6 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compare)
     add_convert_parser(sub)
+
+    p = sub.add_parser("quantize", help="quantise a checkpoint's weights to fp8, int8 or int4 (mistura.load reads it)")
+    p.add_argument("checkpoint", help="checkpoint, run or Hugging Face folder")
+    p.add_argument("out", help="new checkpoint directory")
+    p.add_argument(
+        "--format",
+        required=True,
+        metavar="{fp8,int8,int4}",
+        help="fp8: DeepSeek-V3's 128x128 blocks; int8: weight-only, per row; int4: weight-only, per group",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="input channels per scale (int4 default: 128; int8 default: the whole row); must divide every layer's",
+    )
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

@@ -83,12 +83,14 @@ def generate_text(
     prompts: Sequence[str | list[int]],
     sampling: Sampling,
     on_text: Callable[[int, str], None] | None = None,
+    eos_id: int | None = EOS_ID,
 ) -> list[str]:
     """The continuation of every prompt (without the prompt), in one batch.
 
     A str prompt is encoded after BOS (encode_prompt); a list of ids is taken as is (a
-    chat template's output, say). A row ends at EOS or at a stop string of sampling.stop,
-    which is cut off. `on_text(row, piece)` receives each row's text as it becomes final.
+    chat template's output, say). A row ends at eos_id (a chat template's end of turn,
+    say) or at a stop string of sampling.stop, which is cut off. `on_text(row, piece)`
+    receives each row's text as it becomes final.
     """
     rows = [encode_prompt(tokenizer, p) if isinstance(p, str) else p for p in prompts]
     streams = [TextStream(tokenizer, sampling.stop) for _ in rows]
@@ -102,7 +104,7 @@ def generate_text(
             emit(row, stream.push(token_id))
         return torch.tensor([s.stopped for s in streams], device=token.device)
 
-    generate(model, rows, sampling, eos_id=EOS_ID, on_token=on_token)
+    generate(model, rows, sampling, eos_id=eos_id, on_token=on_token)
     for row, stream in enumerate(streams):
         emit(row, stream.finish())
     return [s.text for s in streams]
