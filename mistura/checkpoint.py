@@ -139,10 +139,12 @@ def resolve(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Load a checkpoint, a run's latest checkpoint, a Hugging Face folder or a model-parallel
-    folder (its rank files merged) as a ready model in eval mode."""
-    from mistura.convert.hf import from_hf  # the converters build on this module
+    """Load a checkpoint, a run's latest checkpoint, a Hugging Face folder, a model-parallel
+    folder (its rank files merged) or a quantised checkpoint (see mistura.quant) as a ready
+    model in eval mode."""
+    from mistura.convert.hf import from_hf  # the converters and quantisation build on this module
     from mistura.convert.parallel import is_model_parallel, merge_model_parallel
+    from mistura.quant.checkpoint import is_quantized, load_quantized
 
     directory = resolve(path)
     if is_hugging_face(directory):
@@ -153,6 +155,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: torc
         model.load_state_dict(complete_weights(state, model, str(directory)))
     else:
         verify(directory)
+        if is_quantized(directory):
+            return load_quantized(directory, device, dtype)
         model = Transformer(read_config(directory))
         load_weights(directory, model)
     return model.to(device=device, dtype=dtype).eval()
