@@ -13,10 +13,15 @@ $(BIN)/mistura: pyproject.toml
 
 install: $(BIN)/mistura
 
+# The tests also run the Triton kernels, through Triton's interpreter when there is no GPU.
+$(VENV)/.test-extras: pyproject.toml $(BIN)/mistura
+	$(BIN)/pip install --quiet -e ".[dev,triton]"
+	touch $@
+
 quickstart: install
 	$(BIN)/mistura train configs/quickstart.yaml
 
-test: install
+test: install $(VENV)/.test-extras
 	$(BIN)/python -m pytest
 
 .PHONY: install quickstart test
