@@ -32,7 +32,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mistura.train.trainer import Trainer
 
     run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
-    summary = Trainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    if args.teacher is not None:
+        from mistura.train.distill import DistillationTrainer
+
+        trainer = DistillationTrainer(run, mistura.load(args.teacher))
+    else:
+        trainer = Trainer(run)
+    summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
     unigram = summary["unigram_loss"]
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss {summary['val_loss']:.3f} "
@@ -52,6 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if (args.prompt is None) == (args.input_file is None):
         raise ConfigError("give either --prompt or --input-file")
+    if args.draft is not None and args.input_file is not None:
+        raise ConfigError("--draft decodes one prompt at a time: use it with --prompt, not --input-file")
     sampling = sampling_from_args(args)
     model = mistura.load(args.checkpoint)
     tokenizer = mistura.load_tokenizer(args.checkpoint)
@@ -61,8 +69,28 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"{count} completions written to {output}")
         return
     print(args.prompt, end="", flush=True)
+    if args.draft is not None:
+        generate_speculatively(model, tokenizer, args, sampling)
+        return
     generate_text(model, tokenizer, [args.prompt], sampling, on_text=lambda _, text: print(text, end="", flush=True))
     print()
+
+
+def generate_speculatively(model, tokenizer, args: argparse.Namespace, sampling) -> None:
+    import mistura
+    from mistura.infer.speculative import check_tokenizers, speculative_generate_text
+
+    draft = mistura.load(args.draft)
+    check_tokenizers(tokenizer, mistura.load_tokenizer(args.draft))
+    _, stats = speculative_generate_text(
+        model, draft, tokenizer, args.prompt, sampling, args.gamma, on_text=lambda text: print(text, end="", flush=True)
+    )
+    print()
+    print(
+        f"[{stats.accepted}/{stats.proposed} draft tokens accepted ({stats.acceptance_rate:.0%}), "
+        f"{stats.tokens_per_target_pass:.2f} tokens per target pass]",
+        file=sys.stderr,
+    )
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -306,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. train.max_steps=100"
     )
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--teacher",
+        metavar="CKPT",
+        help="distil: train on the KL divergence from this model's predictions (same tokenizer; repeat it to resume)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -315,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-file", "--arquivo", help="one prompt per line; writes JSONL")
     p.add_argument("--output", "--saida", help="JSONL output (default: the input file with .jsonl)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
+    p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a small model sharing the tokenizer drafts")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens the target checks per pass (default: 4)")
     add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 

@@ -142,3 +142,32 @@ def test_convert_bad_input_is_a_clear_error(tmp_path, tiny, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moc"]
+
+
+def test_generate_with_a_draft_prints_the_targets_greedy_text(trained, capsys):
+    greedy = ["generate", str(trained), "--prompt", "Capitu", "--max-new-tokens", "10", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    assert main([*greedy, "--draft", str(trained), "--gamma", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "draft tokens accepted (100%)" in out.err
+
+
+def test_a_draft_with_a_prompts_file_is_refused(trained, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("um\n", encoding="utf-8")
+    assert main(["generate", str(trained), "--input-file", str(prompts), "--draft", str(trained)]) == 2
+    assert "--draft decodes one prompt at a time" in capsys.readouterr().err
+
+
+def test_train_with_a_teacher_distils(trained, prepared, tmp_path):
+    config = tmp_path / "student.yaml"
+    config.write_text(
+        "model: {preset: llama-tiny, n_layer: 1, d_model: 32, n_head: 4, n_kv_head: 2, d_ff: 64, max_seq_len: 64}\n"
+        f"data: {{dir: '{prepared}', vocab_size: 384}}\n"
+        f"train: {{out_dir: '{tmp_path / 'student'}', batch_size: 2, max_steps: 2, warmup_steps: 1, eval_interval: 2,"
+        " eval_batches: 1, log_interval: 1}\n"
+        "sample: {prompts: ['Capitu'], max_new_tokens: 4}\n"
+    )
+    assert main(["train", str(config), "--no-progress", "--teacher", str(trained)]) == 0
+    assert (tmp_path / "student" / "checkpoints" / "step-0000002" / "model.safetensors").is_file()
