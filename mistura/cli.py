@@ -26,16 +26,19 @@ def cmd_gutenberg(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     import mistura
+    from mistura.errors import ConfigError
     from mistura.fields import parse_overrides
     from mistura.infer.generate import generate_text
     from mistura.train.config import RunConfig
     from mistura.train.trainer import Trainer
 
+    if args.teacher_continuations and args.teacher is None:
+        raise ConfigError("--teacher-continuations needs --teacher (the model that writes them)")
     run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
     if args.teacher is not None:
         from mistura.train.distill import DistillationTrainer
 
-        trainer = DistillationTrainer(run, mistura.load(args.teacher))
+        trainer = DistillationTrainer(run, mistura.load(args.teacher), continuations=args.teacher_continuations)
     else:
         trainer = Trainer(run)
     summary = trainer.fit(resume=args.resume, progress=not args.no_progress)
@@ -338,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--teacher",
         metavar="CKPT",
         help="distil: train on the KL divergence from this model's predictions (same tokenizer; repeat it to resume)",
+    )
+    p.add_argument(
+        "--teacher-continuations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --teacher: half of each batch from N greedy continuations the teacher writes first "
+        "(sequence-level distillation; repeat it to resume)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)

@@ -171,3 +171,8 @@ def test_train_with_a_teacher_distils(trained, prepared, tmp_path):
     )
     assert main(["train", str(config), "--no-progress", "--teacher", str(trained)]) == 0
     assert (tmp_path / "student" / "checkpoints" / "step-0000002" / "model.safetensors").is_file()
+
+
+def test_teacher_continuations_need_a_teacher(trained, capsys):
+    assert main(["train", "missing.yaml", "--teacher-continuations", "8"]) == 2
+    assert "--teacher-continuations needs --teacher" in capsys.readouterr().err
