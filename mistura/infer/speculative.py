@@ -40,7 +40,7 @@ from mistura.model import Transformer
 from mistura.model.cache import Cache
 
 # Receives each new token id as it is kept; returning True ends generation after it.
-OnToken = Callable[[int], "bool | None"]
+OnTokenId = Callable[[int], "bool | None"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def speculative_generate(
     sampling: Sampling,
     gamma: int = 4,
     eos_id: int | None = None,
-    on_token: OnToken | None = None,
+    on_token: OnTokenId | None = None,
 ) -> tuple[list[int], SpeculativeStats]:
     """The target's continuation of one prompt (new ids, ending with eos_id if drawn), drafted gamma at a time.
 
@@ -96,7 +96,7 @@ def speculative_generate(
     return decoding.ids[start:], stats
 
 
-def _until_end(kept: list[int], eos_id: int | None, on_token: OnToken | None) -> tuple[list[int], bool]:
+def _until_end(kept: list[int], eos_id: int | None, on_token: OnTokenId | None) -> tuple[list[int], bool]:
     """The kept tokens up to the first that ends generation (EOS, or on_token's word), and whether one did."""
     for n, token in enumerate(kept, 1):
         if (on_token is not None and on_token(token)) or token == eos_id:

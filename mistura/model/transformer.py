@@ -112,7 +112,9 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         self._check_length(start + T, cache)
-        positions, mask = self._positions(start, T, cache, idx.device)
+        padded = cache is not None and cache.pad is not None
+        mask = padded_causal_mask(cache.pad, start, T) if padded else None
+        positions = self._positions(start, T, cache, idx.device) if padded or self.pos_emb is not None else None
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -120,7 +122,7 @@ class Transformer(nn.Module):
         if self.rope is None:
             rope = None
         else:
-            rope = self.rope(start, T) if mask is None else self.rope.at(positions)
+            rope = self.rope.at(positions) if padded else self.rope(start, T)
         auxes = []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -138,15 +140,12 @@ class Transformer(nn.Module):
         return (logits, auxes) if return_aux else logits
 
     @staticmethod
-    def _positions(
-        start: int, length: int, cache: Cache | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions of the new tokens, (T,) or (B, T) for a left-padded batch, and that batch's attention mask."""
+    def _positions(start: int, length: int, cache: Cache | None, device: torch.device) -> torch.Tensor:
+        """Positions of the new tokens: (T,), or (B, T) for a left-padded batch, whose padding slots sit at 0."""
         slots = torch.arange(start, start + length, device=device)
         if cache is None or cache.pad is None:
-            return slots, None
-        positions = (slots[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T); padding slots sit at 0
-        return positions, padded_causal_mask(cache.pad, start, length)
+            return slots
+        return (slots[None, :] - cache.pad[:, None]).clamp(min=0)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, those each token uses, and the embeddings'.
