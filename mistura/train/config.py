@@ -49,6 +49,7 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the averaged weights
     activation_checkpointing: bool = False
     compile: bool = False
+    retain_cpu_memory: bool = True  # on the CPU, glibc keeps freed memory for reuse (see train.allocator)
     eval_interval: int = 100
     eval_batches: int = 20
     log_interval: int = 10

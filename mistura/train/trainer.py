@@ -37,6 +37,7 @@ from mistura.data.prepare import load_meta, prepare
 from mistura.errors import ConfigError
 from mistura.model import Transformer
 from mistura.train import state as train_state
+from mistura.train.allocator import retain_freed_memory
 from mistura.train.config import DataConfig, RunConfig
 from mistura.train.loggers import MetricsLog
 from mistura.train.moe_metrics import MoEMonitor
@@ -66,6 +67,8 @@ class Trainer:
         self.out_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
+        if self.device.type == "cpu" and self.cfg.retain_cpu_memory:
+            retain_freed_memory()
         self.meta = prepared_data(run.data, log)
         self.data_dir = Path(run.data.dir)
         # A small corpus can give a tokenizer smaller than asked for: the model follows the tokenizer.

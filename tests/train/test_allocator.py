@@ -1,0 +1,63 @@
+import ctypes.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mistura.train import trainer
+from mistura.train.allocator import _glibc, retain_freed_memory
+from mistura.train.config import RunConfig
+
+# Allocates and fills a 64 MiB tensor a few times (one page fault per fresh 4 KiB page),
+# and prints the minor page faults of the last rounds, once the heap holds enough free memory.
+FAULTS_PER_REUSE = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from mistura.train.allocator import retain_freed_memory
+    if sys.argv[1] == "retain":
+        assert retain_freed_memory()
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(2):
+        torch.empty(16 * 2**20).fill_(1.0)
+    before = faults()
+    for _ in range(3):
+        torch.empty(16 * 2**20).fill_(1.0)
+    print((faults() - before) // 3)
+    """
+)
+PAGES = 64 * 2**20 // 4096
+
+
+def faults_per_reuse(mode: str) -> int:
+    done = subprocess.run([sys.executable, "-c", FAULTS_PER_REUSE, mode], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+@pytest.mark.skipif(_glibc() is None, reason="needs glibc's malloc")
+def test_retained_memory_is_reused_without_page_faults():
+    assert faults_per_reuse("retain") < PAGES // 10
+
+
+@pytest.mark.skipif(_glibc() is None, reason="needs glibc's malloc")
+def test_by_default_glibc_maps_a_large_tensor_anew_each_time():
+    """The cost the trainer avoids (with transparent huge pages always on, a fault maps 2 MiB)."""
+    huge_pages = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if huge_pages.exists() and "[always]" in huge_pages.read_text():
+        pytest.skip("transparent huge pages are always on")
+    assert faults_per_reuse("default") > PAGES // 2
+
+
+def test_without_glibc_nothing_is_changed(monkeypatch):
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert retain_freed_memory() is False
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_training_retains_freed_memory_unless_told_not_to(run_dict, monkeypatch, retain):
+    calls = []
+    monkeypatch.setattr(trainer, "retain_freed_memory", lambda: calls.append(True))
+    trainer.Trainer(RunConfig.from_dict(run_dict(device="cpu", retain_cpu_memory=retain)), log=lambda *a: None)
+    assert calls == ([True] if retain else [])
