@@ -19,10 +19,17 @@ after a warm-up, each round times --steps steps of each in turn, so that slow dr
 the machine hit all alike. A figure is the median step time over all timed steps. The
 output ends with a Markdown table and the targets met or missed.
 
+Two more figures explain the tax. "matmul floor" times the experts' three projections
+alone, as grouped matmuls over evenly split rows, against the dense MLP's three matmuls
+of the same multiply-adds (forward + backward): the tax the matmul kernels impose before
+any routing. And by default the process keeps freed memory for reuse, as `mistura train`
+does on the CPU (mistura.train.allocator); it applies to every contender alike.
+
     python benchmarks/moe_throughput.py                           # 8x2x512 and 64x8x128
     python benchmarks/moe_throughput.py --threads 1               # steadier on a busy CPU
     python benchmarks/moe_throughput.py --settings 16x4x256       # other experts x top-k x width
     python benchmarks/moe_throughput.py --profile                 # plus each contender's costliest ops
+    python benchmarks/moe_throughput.py --malloc default          # glibc's own large-block policy
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import transformers
 from mistura.config import ModelConfig
 from mistura.convert import from_hf
 from mistura.model import Transformer
+from mistura.train.allocator import retain_freed_memory
 
 Loss = Callable[[], torch.Tensor]  # one forward pass of a contender, down to a scalar
 CONTENDERS = ("mistura", "eager loop", "HF", "dense")
@@ -68,10 +76,11 @@ def main() -> None:
     rows = []
     for setting in args.settings:
         torch.manual_seed(args.seed)
+        floor = matmul_floor(setting, args)
         models = build_models(setting, args)
         for scope, contenders in (("layer", layer_contenders(models, args)), ("model", model_contenders(models, args))):
             times = time_interleaved(contenders, args)
-            rows.append(summarize(setting, scope, times, args))
+            rows.append(summarize(setting, scope, times, floor, args))
             if args.profile:
                 for name, contender in contenders.items():
                     profile(f"{setting} {scope} {name}", contender)
@@ -102,9 +111,17 @@ def parse_args() -> argparse.Namespace:
     timing.add_argument("--profile", action="store_true", help="print each contender's costliest ops")
     timing.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     timing.add_argument("--seed", type=int, default=0)
+    timing.add_argument(
+        "--malloc",
+        choices=("retain", "default"),
+        default="retain",
+        help="retain: keep freed memory for reuse, as mistura train does on the CPU; default: glibc's policy",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc == "retain" and not retain_freed_memory():
+        args.malloc = "default (not glibc)"
     return args
 
 
@@ -145,6 +162,33 @@ def dense_config(config: ModelConfig) -> ModelConfig:
     data = config.to_dict()
     del data["moe"]
     return ModelConfig.from_dict(data | {"layer_mlp": None, "d_ff": config.moe.top_k * config.moe.d_expert})
+
+
+def matmul_floor(setting: Setting, args: argparse.Namespace) -> float:
+    """Step time of the experts' projections as grouped matmuls over the dense MLP's matmuls.
+
+    The rows are split evenly among the experts; both sides do the same multiply-adds."""
+    tokens, width = args.batch * args.seq, setting.top_k * setting.d_expert
+    per_expert = tokens * setting.top_k // setting.n_experts
+    offsets = torch.arange(1, setting.n_experts + 1, dtype=torch.int32) * per_expert
+
+    def projections(rows: int, experts: int | None, d_hidden: int) -> Contender:
+        stack = () if experts is None else (experts,)
+        x = torch.randn(rows, args.d_model, requires_grad=True)
+        gate, up = (torch.randn(*stack, args.d_model, d_hidden, requires_grad=True) for _ in range(2))
+        down = torch.randn(*stack, d_hidden, args.d_model, requires_grad=True)
+        grad = torch.randn(rows, args.d_model)  # the gradient reaching the output
+        mm = torch.matmul if experts is None else lambda a, b: torch._grouped_mm(a, b, offs=offsets)
+        return Contender(lambda: (mm(mm(x, gate) * mm(x, up), down) * grad).sum(), [x, gate, up, down])
+
+    times = time_interleaved(
+        {
+            "grouped": projections(per_expert * setting.n_experts, setting.n_experts, setting.d_expert),
+            "dense": projections(tokens, None, width),
+        },
+        args,
+    )
+    return statistics.median(times["grouped"]) / statistics.median(times["dense"])
 
 
 def layer_contenders(models: dict[str, torch.nn.Module], args: argparse.Namespace) -> dict[str, Contender]:
@@ -235,7 +279,9 @@ def time_interleaved(contenders: dict[str, Contender], args: argparse.Namespace)
     return times
 
 
-def summarize(setting: Setting, scope: str, times: dict[str, list[float]], args: argparse.Namespace) -> Row:
+def summarize(
+    setting: Setting, scope: str, times: dict[str, list[float]], floor: float, args: argparse.Namespace
+) -> Row:
     """Print each contender's median and spread; return the row of the final table."""
     tokens = args.batch * args.seq
     load = os.getloadavg()[0]  # other processes on the CPU slow the MoE contenders most
@@ -246,7 +292,7 @@ def summarize(setting: Setting, scope: str, times: dict[str, list[float]], args:
             f"  {name:10s} {median:8.1f} ms/step (min {low:.1f}, max {high:.1f}) {tokens / median * 1e3:9.0f} tokens/s"
         )
     median = {name: statistics.median(steps) for name, steps in times.items()}
-    return Row(setting, scope, {name: tokens / t for name, t in median.items()}, _peak_rss_mib(), load)
+    return Row(setting, scope, {name: tokens / t for name, t in median.items()}, floor, _peak_rss_mib(), load)
 
 
 def report(rows: list[Row], args: argparse.Namespace) -> None:
@@ -254,20 +300,20 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     print(
         f"\nd{args.d_model} L{args.layers} H{args.heads}/{args.kv_heads} V{args.vocab}, "
-        f"batch {args.batch} x seq {args.seq}, fwd+bwd fp32, {device}; "
+        f"batch {args.batch} x seq {args.seq}, fwd+bwd fp32, {device}, malloc {args.malloc}; "
         "setting = experts x top-k x expert width; tax = mistura step time / dense step time; "
-        "load = 1-minute load average after timing\n"
+        "matmul floor = grouped / dense projections alone; load = 1-minute load average after timing\n"
     )
     print(
         "| setting | scope | mistura tok/s | eager loop tok/s | HF tok/s | dense tok/s "
-        "| mistura/eager | mistura/HF | MoE tax | peak RSS | load |"
+        "| mistura/eager | mistura/HF | MoE tax | matmul floor | peak RSS | load |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         rates = " | ".join(f"{row.rate[name]:.0f}" for name in CONTENDERS)
         print(
             f"| {row.setting} | {row.scope} | {rates} | {row.ratio('eager loop'):.2f} "
-            f"| {row.ratio('HF'):.3f} | {row.tax:.3f} | {row.peak_rss_mib:.0f} MiB | {row.load:.1f} |"
+            f"| {row.ratio('HF'):.3f} | {row.tax:.3f} | {row.floor:.3f} | {row.peak_rss_mib:.0f} MiB | {row.load:.1f} |"
         )
     print()
     for row in rows:
@@ -280,6 +326,7 @@ class Row:
     setting: Setting
     scope: str
     rate: dict[str, float]  # tokens/s of each contender
+    floor: float  # the experts' grouped matmuls alone over the dense MLP's (see matmul_floor)
     peak_rss_mib: float  # of the whole process so far
     load: float  # 1-minute load average of the machine after timing
 

@@ -10,22 +10,20 @@ from mistura.train import trainer
 from mistura.train.allocator import _glibc, retain_freed_memory
 from mistura.train.config import RunConfig
 
-# Allocates and fills a 64 MiB tensor a few times (one page fault per fresh 4 KiB page),
-# and prints the minor page faults of the last rounds, once the heap holds enough free memory.
+# Allocates and fills a 64 MiB tensor a few times (one page fault per fresh 4 KiB page), and
+# prints the median minor page faults of a round once the heap holds enough free memory.
 FAULTS_PER_REUSE = textwrap.dedent(
     """
-    import resource, sys, torch
+    import resource, statistics, sys, torch
     from mistura.train.allocator import retain_freed_memory
     if sys.argv[1] == "retain":
         assert retain_freed_memory()
-    def faults():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(2):
+    def faults_of_one_tensor():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         torch.empty(16 * 2**20).fill_(1.0)
-    before = faults()
-    for _ in range(3):
-        torch.empty(16 * 2**20).fill_(1.0)
-    print((faults() - before) // 3)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    rounds = [faults_of_one_tensor() for _ in range(7)]
+    print(int(statistics.median(rounds[2:])))
     """
 )
 PAGES = 64 * 2**20 // 4096
