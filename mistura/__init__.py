@@ -10,10 +10,13 @@ new_ids = mistura.generate(model, [[1, 523, 87]], mistura.Sampling(temperature=0
 
 from mistura.checkpoint import load, load_tokenizer
 from mistura.config import ModelConfig
+from mistura.cpu_isa import avoid_faulting_amx
 from mistura.infer.engine import generate
 from mistura.infer.generate import generate_text
 from mistura.infer.sampling import Sampling
 from mistura.model import KVCache, LatentCache, Transformer
+
+avoid_faulting_amx()
 
 __version__ = "0.1.0"
 __all__ = [

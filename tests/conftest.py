@@ -1,7 +1,3 @@
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,21 +9,6 @@ from mistura.data.prepare import prepare
 
 # Tiny shapes run fastest on one thread, and one thread cannot spin-wait on a busy machine.
 torch.set_num_threads(1)
-
-
-def cap_onednn_below_faulting_amx() -> None:
-    """Some virtual machines advertise AMX but fault on its instructions: oneDNN's first bf16
-    matmul then kills the process with SIGILL. There, cap oneDNN below AMX (it reads the
-    variable at its first use, so setting it now still counts, for subprocesses too)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if "ONEDNN_MAX_CPU_ISA" in os.environ or not cpuinfo.exists() or "amx_bf16" not in cpuinfo.read_text():
-        return
-    bf16_matmul = "import torch; x = torch.ones(64, 64, dtype=torch.bfloat16); x @ x"
-    if subprocess.run([sys.executable, "-c", bf16_matmul]).returncode == -signal.SIGILL:
-        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"
-
-
-cap_onednn_below_faulting_amx()
 
 # Tiny shapes keep every test fast on two CPU cores.
 TINY = dict(vocab_size=97, max_seq_len=32, n_layer=2, d_model=32, n_head=4)
