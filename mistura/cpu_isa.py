@@ -13,6 +13,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 VARIABLE = "ONEDNN_MAX_CPU_ISA"
 BELOW_AMX = "AVX512_CORE_BF16"
 CPUINFO = Path("/proc/cpuinfo")
+PROBE_SECONDS = 10.0  # a child that has not finished by then (a lock held at fork time) is killed
 
 
 def avoid_faulting_amx() -> None:
@@ -40,7 +42,7 @@ def _bf16_matmul() -> None:
 
 
 def _faults_in_child(probe) -> bool:
-    """Whether `probe` dies of SIGILL in a forked child (silenced, on one thread)."""
+    """Whether `probe` dies of SIGILL in a forked child (silenced, on one thread, killed if stuck)."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -50,5 +52,12 @@ def _faults_in_child(probe) -> bool:
             probe()
         finally:
             os._exit(0)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + PROBE_SECONDS
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return False
+        time.sleep(0.002)
+    status = waited[1]
     return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGILL

@@ -36,6 +36,13 @@ def test_a_failing_probe_never_returns_into_the_parent_code(amx_cpu):
     assert cpu_isa.VARIABLE not in os.environ
 
 
+def test_a_stuck_probe_is_killed_and_changes_nothing(amx_cpu):
+    amx_cpu.setattr(cpu_isa, "PROBE_SECONDS", 0.2)
+    amx_cpu.setattr(cpu_isa, "_bf16_matmul", lambda: signal.pause())
+    cpu_isa.avoid_faulting_amx()
+    assert cpu_isa.VARIABLE not in os.environ
+
+
 @pytest.mark.parametrize("already_set", [True, False])
 def test_no_probe_where_the_variable_is_set_or_amx_is_not_reported(monkeypatch, already_set):
     if already_set:
