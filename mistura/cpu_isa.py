@@ -2,10 +2,10 @@
 
 Some virtual machines report AMX (Intel Sapphire Rapids and later) without enabling it:
 oneDNN picks its AMX kernels, and the first bf16 matmul kills the process with SIGILL
-(bf16 autocast, and the fp8, int8 and int4 inference paths). On a Linux CPU that reports
-AMX, `avoid_faulting_amx` runs one bf16 matmul in a forked child; if the child dies of
-SIGILL, oneDNN is capped at AVX-512 through ONEDNN_MAX_CPU_ISA, which oneDNN reads at
-its first use and child processes inherit. Setting the variable yourself skips the probe.
+(bf16 autocast, the fp8 inference path). On a Linux CPU that reports AMX,
+`avoid_faulting_amx` runs one bf16 matmul in a forked child; if the child dies of SIGILL,
+oneDNN is capped at AVX-512 through ONEDNN_MAX_CPU_ISA, which oneDNN reads at its first
+use and child processes inherit. Setting the variable yourself skips the probe.
 """
 
 from __future__ import annotations
