@@ -22,7 +22,8 @@ output ends with a Markdown table and the targets met or missed.
 Two more figures explain the tax. "matmul floor" times the experts' three projections
 alone, as grouped matmuls over evenly split rows, against the dense MLP's three matmuls
 of the same multiply-adds (forward + backward): the tax the matmul kernels impose before
-any routing. And by default the process keeps freed memory for reuse, as `mistura train`
+any routing, on the layer and, in proportion to the dense MLPs' share of the step, on
+the model. And by default the process keeps freed memory for reuse, as `mistura train`
 does on the CPU (mistura.train.allocator); it applies to every contender alike.
 
     python benchmarks/moe_throughput.py                           # 8x2x512 and 64x8x128
@@ -319,6 +320,14 @@ def report(rows: list[Row], args: argparse.Namespace) -> None:
     for row in rows:
         for target, met in row.targets():
             print(f"{row.setting} {row.scope}: {target}: {'met' if met else 'MISSED'}")
+    layers = {row.setting: row for row in rows if row.scope == "layer"}
+    for row in rows:
+        if row.scope == "model":
+            share = args.layers * row.rate["dense"] / layers[row.setting].rate["dense"]
+            print(
+                f"{row.setting} model: the dense MLPs take {share:.0%} of the dense step, so the matmul floor "
+                f"alone sets the model's tax at {1 + share * (row.floor - 1):.3f} or more"
+            )
 
 
 @dataclass
