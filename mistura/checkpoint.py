@@ -7,7 +7,7 @@
 
 A large model's weights may instead come in shards, `model-00001-of-0000N.safetensors`
 and so on, listed by `model.safetensors.index.json`: Hugging Face's layout, which
-conversions write (see mistura.convert.shards); training writes the single file. Loading
+conversions write (see mistura.shards); training writes the single file. Loading
 reads either, one tensor at a time, and the manifest covers every shard and the index.
 
 Training runs add their state files (see mistura.train.state). A run directory keeps
@@ -17,6 +17,10 @@ also takes the run directory and uses its latest checkpoint.
 Directories are written under a temporary name and renamed into place, so a crash
 never leaves a half-written checkpoint; loading verifies the manifest, so a truncated
 or edited file is reported by name instead of failing deep inside torch.
+
+This module is the native format only, and the I/O the other formats build on (atomic
+directories, manifests, shape checks); `mistura.load` (mistura.loading) recognises every
+format and dispatches, and nothing here imports a converter.
 """
 
 from __future__ import annotations
@@ -24,21 +28,19 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
 
 from mistura.atomic import atomic_directory
 from mistura.config import ModelConfig
-from mistura.convert.shards import WeightFiles
-from mistura.data.tokenizer import load_tokenizer as read_tokenizer
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
+from mistura.shards import WeightFiles
 
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step-"
@@ -74,8 +76,10 @@ def verify(directory: Path) -> None:
         raise CheckpointError(f"{directory} has no {MANIFEST}: not a complete mistura checkpoint")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # not UTF-8, or not JSON
         raise CheckpointError(f"{manifest_path} is corrupt: {err}") from err
+    if not isinstance(manifest, dict) or not all(_is_entry(entry) for entry in manifest.values()):
+        raise CheckpointError(f"{manifest_path} is corrupt: expected an object of file name -> {{bytes, sha256}}")
     for name, expected in manifest.items():
         path = directory / name
         if not path.is_file():
@@ -85,6 +89,10 @@ def verify(directory: Path) -> None:
             raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected['bytes']}")
         if _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its checksum: the file is corrupt")
+
+
+def _is_entry(entry: object) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
 
 
 def write_model(directory: Path, model: Transformer, tokenizer_file: Path | None = None) -> None:
@@ -138,27 +146,13 @@ def resolve(path: str | Path) -> Path:
     return latest
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
-    """Load a checkpoint, a run's latest checkpoint, a Hugging Face folder, a model-parallel
-    folder (its rank files merged) or a quantised checkpoint (see mistura.quant) as a ready
-    model in eval mode."""
-    from mistura.convert.hf import from_hf  # the converters and quantisation build on this module
-    from mistura.convert.parallel import is_model_parallel, merge_model_parallel
-    from mistura.quant.checkpoint import is_quantized, load_quantized
-
-    directory = resolve(path)
-    if is_hugging_face(directory):
-        return from_hf(directory).to(device=device, dtype=dtype)
-    if is_model_parallel(directory):
-        config, state = merge_model_parallel(directory)
-        model = Transformer(config)
-        model.load_state_dict(complete_weights(state, model, str(directory)))
-    else:
-        verify(directory)
-        if is_quantized(directory):
-            return load_quantized(directory, device, dtype)
-        model = Transformer(read_config(directory))
-        load_weights(directory, model)
+def load_checkpoint(
+    directory: Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """A native checkpoint directory, verified against its manifest, as a ready model in eval mode."""
+    verify(directory)
+    model = Transformer(read_config(directory))
+    load_weights(directory, model)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -182,21 +176,6 @@ def load_weights(directory: Path, model: Transformer) -> None:
         check_shapes(files.shapes, {name: tuple(state[name].shape) for name in stored_names(model)}, str(directory))
         for name in files.shapes:
             state[name].copy_(files.read(name))
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer saved with a checkpoint (or a run's latest checkpoint)."""
-    return read_tokenizer(resolve(path) / "tokenizer.json")
-
-
-def is_hugging_face(directory: Path) -> bool:
-    """A Hugging Face folder: its config.json names a `model_type` and it has no mistura manifest."""
-    if (directory / MANIFEST).exists():
-        return False
-    try:
-        return "model_type" in json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
@@ -227,17 +206,22 @@ def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
     """`check_state` on names and shapes alone, as a file's header gives them."""
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {_some(missing)} for this model config")
-    if unexpected:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {_some(unexpected)} for this model config")
+    check_names(shapes, expected, where)
     for name, shape in shapes.items():
         if tuple(shape) != tuple(expected[name]):
             raise CheckpointError(
                 f"{where}: tensor '{name}' has shape {tuple(shape)}, the config expects {tuple(expected[name])}"
             )
+
+
+def check_names(names: Iterable[str], expected: Iterable[str], where: str) -> None:
+    """Raise CheckpointError naming the tensors missing from `names`, or unexpected in it."""
+    names, expected = set(names), set(expected)
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor(s) {_some(missing)} for this model config")
+    if unexpected:
+        raise CheckpointError(f"{where}: unexpected tensor(s) {_some(unexpected)} for this model config")
 
 
 def _some(names: list[str], limit: int = 5) -> str:

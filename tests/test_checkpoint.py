@@ -5,9 +5,9 @@ import torch
 
 import mistura
 from mistura.checkpoint import checkpoint_directory, save_model, weights_of, write_config
-from mistura.convert.shards import write_weights
 from mistura.errors import CheckpointError, DataError
 from mistura.model import Transformer
+from mistura.shards import write_weights
 
 
 @pytest.fixture

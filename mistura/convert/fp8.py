@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_directory
 from mistura.convert.hf import read_json
-from mistura.convert.shards import INDEX, WeightFiles, listed_files
 from mistura.errors import CheckpointError
+from mistura.shards import INDEX, WeightFiles, listed_files
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448.0

@@ -45,8 +45,7 @@ Files:
                                           "experts": bool, "rank0": bool}}}; rank0: a bias held by rank 0
     <out>/tokenizer.json                  when given
 
-This module imports neither mistura.checkpoint nor mistura.convert.hf, so that checkpoint
-loading may import it.
+`mistura.load` reads such a folder through `load_model_parallel`, which merges the ranks.
 """
 
 from __future__ import annotations
@@ -66,6 +65,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_directory
+from mistura.checkpoint import check_names, complete_weights
 from mistura.config import ModelConfig
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
@@ -215,7 +215,7 @@ def _checked_shapes(config: ModelConfig, names: list[str], n: int) -> dict[str, 
     check_world_size(config, n)
     shapes = expected_shapes(config)
     stored = [name for name in names if not (config.tie_embeddings and name == "lm_head.weight")]
-    _check_names(stored, shapes, "the state dict")
+    check_names(stored, shapes, "the state dict")
     return shapes
 
 
@@ -247,15 +247,6 @@ def _describe(where: Placement) -> dict[str, int | bool | None]:
     return {"dim": where.dim, "experts": where.experts, "rank0": where.rank0}
 
 
-def _check_names(names: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> None:
-    missing = sorted(set(shapes) - set(names))
-    extra = sorted(set(names) - set(shapes))
-    if missing:
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])} for this model config")
-    if extra:
-        raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(extra[:3])} for this model config")
-
-
 # ---------------------------------------------------------------------------------------
 # Reading the rank files back.
 
@@ -263,6 +254,16 @@ def _check_names(names: list[str], shapes: dict[str, tuple[int, ...]], where: st
 def is_model_parallel(directory: str | Path) -> bool:
     """Whether `directory` holds model-parallel rank files (it has a parallel.json)."""
     return (Path(directory) / PARALLEL).is_file()
+
+
+def load_model_parallel(
+    directory: Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Transformer:
+    """A model-parallel folder, its ranks merged, as a ready model in eval mode."""
+    config, state = merge_model_parallel(directory)
+    model = Transformer(config)
+    model.load_state_dict(complete_weights(state, model, str(directory)))
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def merge_model_parallel(directory: str | Path) -> tuple[ModelConfig, Tensors]:
@@ -279,7 +280,7 @@ def merge_model_parallel(directory: str | Path) -> tuple[ModelConfig, Tensors]:
         raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
     expected = _layout(shapes)
     if placed != expected:
-        _check_names(list(placed), shapes, str(directory / PARALLEL))
+        check_names(placed, shapes, str(directory / PARALLEL))
         moved = next(name for name in expected if placed[name] != expected[name])
         raise CheckpointError(
             f"{directory / PARALLEL}: {moved} is placed {placed[moved]}, the config says {expected[moved]}"
@@ -289,7 +290,7 @@ def merge_model_parallel(directory: str | Path) -> tuple[ModelConfig, Tensors]:
         with ExitStack() as stack:
             handles = [stack.enter_context(safe_open(path, framework="pt")) for path in files]
             for path, handle in zip(files, handles):
-                _check_names(list(handle.keys()), shapes, str(path))
+                check_names(handle.keys(), shapes, str(path))
             merged = {name: _merge(name, [h.get_tensor(name) for h in handles], shapes[name], n) for name in shapes}
         return config, merged
     except (OSError, SafetensorError) as err:
@@ -300,7 +301,7 @@ def _read_layout(path: Path) -> tuple[int, dict[str, Any]]:
     """parallel.json's world size and tensors table."""
     try:
         layout = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8 or not JSON
         raise CheckpointError(f"{path}: cannot read JSON ({err})") from err
     n, placed = (layout.get("world_size"), layout.get("tensors")) if isinstance(layout, dict) else (None, None)
     if not isinstance(n, int) or n < 1 or not isinstance(placed, dict):

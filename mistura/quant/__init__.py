@@ -10,20 +10,21 @@
     >>> model = mistura.load("runs/quickstart-int4")     # a ready model, quantised
 
 `quantize_model` swaps a model's layers in memory (model.py says which); checkpoint.py
-writes and reads quantised checkpoints; each format's module says what it stores and why.
+writes and reads quantised checkpoints; quantize.py turns any model folder into one;
+each format's module says what it stores and why.
 Where no kernel fits (another device, an odd shape), a layer multiplies by its dequantised
 weight: the reference semantics, which the kernels are tested against.
 """
 
-from mistura.quant.checkpoint import load_quantized, quantize_checkpoint, save_quantized, weights_bytes
-from mistura.quant.model import FORMATS, QuantConfig, quantize_model
+from mistura._lazy import lazy_exports
 
-__all__ = [
-    "FORMATS",
-    "QuantConfig",
-    "load_quantized",
-    "quantize_checkpoint",
-    "quantize_model",
-    "save_quantized",
-    "weights_bytes",
-]
+# The public names, by the module that defines them, imported on first use: `mistura.load`
+# reads quantised checkpoints through `checkpoint`, and `quantize` loads models with it.
+_EXPORTS = {
+    "mistura.quant.model": ["FORMATS", "QuantConfig", "quantize_model"],
+    "mistura.quant.checkpoint": ["load_quantized", "save_quantized", "weights_bytes"],
+    "mistura.quant.quantize": ["quantize_checkpoint"],
+}
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

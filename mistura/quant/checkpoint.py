@@ -1,4 +1,4 @@
-"""Quantised checkpoint directories: written by `mistura quantize`, read back by `mistura.load`.
+"""Quantised checkpoint directories: written by `mistura quantize` (see quantize.py), read back by `mistura.load`.
 
 A quantised checkpoint is an ordinary mistura checkpoint (config.json, model.safetensors,
 tokenizer.json, manifest.json) whose config.json adds a `quantization` section, e.g.
@@ -16,29 +16,16 @@ from pathlib import Path
 
 import torch
 
-from mistura.checkpoint import checkpoint_directory, load, read_weights, resolve, write_model
+from mistura.checkpoint import checkpoint_directory, read_weights, resolve, verify, write_model
 from mistura.config import ModelConfig
 from mistura.convert.fp8 import FP8
-from mistura.convert.shards import listed_files
 from mistura.errors import CheckpointError, ConfigError
 from mistura.fields import from_dict
 from mistura.model import Transformer
-from mistura.quant.model import QuantConfig, quantize_model, quantized_skeleton
+from mistura.quant.model import QuantConfig, quantized_skeleton
+from mistura.shards import listed_files
 
 SECTION = "quantization"  # config.json's key
-
-
-def quantize_checkpoint(src: str | Path, dst: str | Path, quant: QuantConfig) -> Path:
-    """Write `dst`, a checkpoint of the model in `src` (checkpoint, run or Hugging Face folder) quantised."""
-    directory = resolve(src)
-    dst = Path(dst)
-    if dst.resolve() == directory.resolve():
-        raise CheckpointError(f"{dst}: the quantised checkpoint must go to another directory than {directory}")
-    if is_quantized(directory):
-        raise CheckpointError(f"{directory} is already quantised: quantise the full-precision model instead")
-    model = quantize_model(load(directory), quant)
-    tokenizer = directory / "tokenizer.json"
-    return save_quantized(dst, model, quant, tokenizer if tokenizer.is_file() else None)
 
 
 def save_quantized(
@@ -57,7 +44,7 @@ def is_quantized(directory: Path) -> bool:
     """Whether config.json has a quantization section (an unreadable one is left to the loader to report)."""
     try:
         return SECTION in json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON
         return False
 
 
@@ -68,7 +55,7 @@ def read_configs(directory: Path) -> tuple[ModelConfig, QuantConfig]:
         data = json.loads(path.read_text(encoding="utf-8"))
         quant = from_dict(QuantConfig, data.pop(SECTION), SECTION)
         return ModelConfig.from_dict(data), quant
-    except (OSError, json.JSONDecodeError, ConfigError) as err:
+    except (OSError, ValueError) as err:  # ConfigError is a ValueError too
         raise CheckpointError(f"{path}: {err}") from err
 
 
@@ -77,6 +64,7 @@ def load_quantized(
 ) -> Transformer:
     """A verified quantised checkpoint as a ready model in eval mode; `dtype` applies to the layers
     kept in full precision and to the activations, the quantised layers keep their formats."""
+    verify(directory)
     config, quant = read_configs(directory)
     model = Transformer(config).to(dtype=dtype)
     try:

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from mistura.convert.hf import from_hf
-from mistura.convert.shards import WeightFiles
 from mistura.model import Transformer
+from mistura.shards import WeightFiles
 
 try:
     import transformers

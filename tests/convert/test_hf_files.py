@@ -20,11 +20,11 @@ import mistura
 
 transformers = pytest.importorskip("transformers")
 
+from mistura import shards  # noqa: E402
 from mistura.checkpoint import MANIFEST  # noqa: E402
-from mistura.convert import shards  # noqa: E402
 from mistura.convert.hf import from_hf, load_hf_folder, to_hf  # noqa: E402
-from mistura.convert.shards import INDEX, WeightFiles, parse_size  # noqa: E402
 from mistura.errors import CheckpointError, ConfigError  # noqa: E402
+from mistura.shards import INDEX, WeightFiles, parse_size  # noqa: E402
 
 MOE_CASE = "qwen2-moe-shared-dense"  # routed experts, a gated shared expert and a dense layer
 SHARD = 20_000  # bytes: the tiny models span several shards

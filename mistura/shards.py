@@ -204,7 +204,7 @@ def listed_files(folder: Path) -> dict[Path, list[str] | None]:
         raise CheckpointError(f"{folder}: no {SINGLE} or {INDEX}" + (pickled if any(folder.glob("*.bin")) else ""))
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-    except (OSError, json.JSONDecodeError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{index}: cannot read JSON ({err})") from err
     valid = isinstance(weight_map, dict) and all(
         isinstance(file, str) and Path(file).name == file for file in weight_map.values()
