@@ -7,7 +7,7 @@ shards listed by `model.safetensors.index.json` (see `shards`).
     >>> to_hf("runs/quickstart", "hf/quickstart")                    # streaming export -> HF folder
     >>> model = from_hf("hf/Qwen1.5-MoE-A2.7B")                      # in memory (what mistura.load does)
 
-The model type's entry in `hf_models.MODEL_TYPES` supplies a name table, a config reader
+The model type's entry in `families.MODEL_TYPES` supplies a name table, a config reader
 and a config writer; `mapping.TensorMap` expands the table for the model and builds each
 tensor of either side from the other's. Both conversions stream: every tensor of the
 output is built from only the input tensors it needs, read lazily, and written into
@@ -41,17 +41,19 @@ from mistura.checkpoint import (
     WEIGHTS_METADATA,
     check_shapes,
     checkpoint_directory,
-    is_hugging_face,
     read_config,
     resolve,
     verify,
     write_config,
 )
 from mistura.config import ModelConfig
-from mistura.convert.hf_models import find_model_type, model_type_for
+from mistura.convert.families import find_model_type, model_type_for
 from mistura.convert.mapping import Names, Read, TensorMap, some
 from mistura.convert.parallel import write_model_parallel
-from mistura.convert.shards import (
+from mistura.data.tokenizer import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID
+from mistura.errors import CheckpointError, ConfigError
+from mistura.model import Transformer
+from mistura.shards import (
     DEFAULT_SHARD_SIZE,
     WeightFiles,
     parse_dtype,
@@ -59,9 +61,6 @@ from mistura.convert.shards import (
     tensor_bytes,
     write_weights,
 )
-from mistura.data.tokenizer import BOS, BOS_ID, EOS, EOS_ID, PAD, PAD_ID
-from mistura.errors import CheckpointError, ConfigError
-from mistura.model import Transformer
 
 Tensors = dict[str, torch.Tensor]
 
@@ -144,6 +143,21 @@ def from_hf(
             write_weights(tmp, sizes, build, limit, WEIGHTS_METADATA, progress)
             _copy_tokenizer(folder, tmp)
     return out
+
+
+def load_hf(directory: Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """A Hugging Face folder as a ready mistura model in eval mode (`mistura.load`'s entry for these folders)."""
+    return from_hf(directory).to(device=device, dtype=dtype)
+
+
+def is_hugging_face(directory: Path) -> bool:
+    """A Hugging Face folder: its config.json names a `model_type` and it has no mistura manifest."""
+    if (directory / MANIFEST).exists():
+        return False
+    try:
+        return "model_type" in json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8 or not JSON
+        return False
 
 
 def to_hf(
@@ -399,7 +413,7 @@ def _export_tokenizer(checkpoint: Path, folder: Path, config: ModelConfig) -> di
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8 or not JSON
         raise CheckpointError(f"{path}: cannot read JSON ({err})") from err
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

@@ -1,6 +1,6 @@
 """A name table expanded for one model and read in both directions, one tensor at a time.
 
-A name table (see `hf_models`) maps Hugging Face names to mistura names, with `{i}` for
+A name table (see `families.registry`) maps Hugging Face names to mistura names, with `{i}` for
 the layer and `{e}` for the expert. `TensorMap.build` expands it for one mistura module
 and keeps the entries whose targets the module has. The map then answers, per tensor:
 
@@ -18,7 +18,7 @@ module, which may live on the meta device, so they cannot drift from the model c
 Two things depend on the config rather than on the table. A row order permutes the rows
 of a Hugging Face tensor (of its (out, in) form) named by a template: mistura's tensor is
 `hf[rows]`, and export writes `ours[argsort(rows)]`; DeepSeek-V3 checkpoints pair their
-rotary channels otherwise than mistura (see `hf_models`). And stored tensors under a
+rotary channels otherwise than mistura (see `families.deepseek_v3`). And stored tensors under a
 passed-over prefix, modules that mistura does not run, are neither expected nor refused.
 """
 

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 transformers = pytest.importorskip("transformers")
 
 from mistura.config import ModelConfig  # noqa: E402
+from mistura.convert.families.deepseek_v3 import DEEPSEEK_V3_MOE_NAMES, deepseek_v3_moe_fields  # noqa: E402
 from mistura.convert.hf import convert_state_dict  # noqa: E402
-from mistura.convert.hf_models import DEEPSEEK_V3_MOE_NAMES, deepseek_v3_moe_fields  # noqa: E402
 from mistura.errors import ConfigError  # noqa: E402
 from mistura.model.moe import MoELayer  # noqa: E402
 

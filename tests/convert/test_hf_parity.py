@@ -18,12 +18,12 @@ import mistura
 
 transformers = pytest.importorskip("transformers")
 
+from mistura.convert.families import model_type_for  # noqa: E402
 from mistura.convert.hf import (  # noqa: E402
     config_from_hf,
     load_hf_folder,
     state_dict_from_hf,
 )
-from mistura.convert.hf_models import model_type_for  # noqa: E402
 from mistura.errors import CheckpointError, ConfigError  # noqa: E402
 
 CONTEXT = 64
