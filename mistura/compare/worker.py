@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mistura._entry import run_command
 from mistura.atomic import atomic_write
-from mistura.checkpoint import load, load_tokenizer
-from mistura.cli import run_command
 from mistura.compare.counts import model_counts
 from mistura.compare.metrics import peak_memory, run_metrics
 from mistura.compare.suite import GenerationConfig
 from mistura.errors import CheckpointError
 from mistura.fields import from_dict, merge
 from mistura.infer.generate import generate_text
+from mistura.loading import load, load_tokenizer
 from mistura.train.config import RunConfig
 from mistura.train.loggers import read_metrics
 from mistura.train.trainer import Trainer
@@ -85,7 +85,7 @@ def sample(checkpoint: str, generation: GenerationConfig, device) -> list[dict[s
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8 or not JSON
         raise CheckpointError(f"cannot read {path} ({err}): delete it to redo that run") from err
 
 

@@ -1,0 +1,61 @@
+"""Options shared by several subcommands: the sampling flags with their Portuguese aliases,
+the repeatable `--set KEY=VALUE` override and `--no-progress`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, temperature: float = 0.8, max_new_tokens: int = 100) -> None:
+    """The flags of mistura.infer.sampling.Sampling, with Portuguese aliases."""
+    parser.add_argument(
+        "--max-new-tokens",
+        "--max-novos-tokens",
+        type=int,
+        default=max_new_tokens,
+        dest="max_new_tokens",
+        help=f"most tokens to generate (default: {max_new_tokens})",
+    )
+    parser.add_argument("--temperature", "--temperatura", type=float, default=temperature, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, help="keep the most likely tokens up to this probability mass")
+    parser.add_argument("--min-p", type=float, help="keep tokens at least this fraction as likely as the top one")
+    parser.add_argument(
+        "--repetition-penalty", "--penalidade-repeticao", type=float, default=1.0, help=">1 discourages repeats"
+    )
+    parser.add_argument(
+        "--stop",
+        "--parar",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="end a row at this text; \\n is a newline (repeatable)",
+    )
+    parser.add_argument("--seed", "--semente", type=int, default=0)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    """The mistura.infer.sampling.Sampling that the flags of `add_sampling_options` describe."""
+    from mistura.infer.sampling import Sampling
+
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop),
+        seed=args.seed,
+    )
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE`, repeatable, collected in `args.set` for mistura.fields.parse_overrides."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_no_progress_option(parser: argparse.ArgumentParser, help: str = "no progress bars") -> None:
+    """`--no-progress`: `args.no_progress` is true when the command should draw no progress bars."""
+    parser.add_argument("--no-progress", action="store_true", help=help)
