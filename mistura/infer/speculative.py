@@ -106,16 +106,15 @@ def _until_end(kept: list[int], eos_id: int | None, on_token: OnTokenId | None) 
 
 def check_pair(target: Transformer, draft: Transformer) -> None:
     """A draft must speak the target's vocabulary and live on its device."""
-    if draft.config.vocab_size != target.config.vocab_size:
+    draft_vocab, vocab = draft.config.vocab_size, target.config.vocab_size
+    if draft_vocab != vocab:
         raise ConfigError(
-            f"the draft's vocabulary ({draft.config.vocab_size} tokens) differs from the target's "
-            f"({target.config.vocab_size}): speculative decoding needs one tokenizer for both"
+            f"the draft's vocabulary ({draft_vocab} tokens) differs from the target's ({vocab}): "
+            "speculative decoding needs one tokenizer for both"
         )
-    if draft.tok_emb.weight.device != target.tok_emb.weight.device:
-        raise ConfigError(
-            f"the draft is on {draft.tok_emb.weight.device} and the target on {target.tok_emb.weight.device}: "
-            "load both on one device"
-        )
+    draft_device, device = draft.tok_emb.weight.device, target.tok_emb.weight.device
+    if draft_device != device:
+        raise ConfigError(f"the draft is on {draft_device} and the target on {device}: load both on one device")
 
 
 def check_tokenizers(target: Tokenizer, draft: Tokenizer) -> None:

@@ -15,13 +15,15 @@ The attention module picks its path by the kind of cache it is given.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from mistura.config import ModelConfig
 from mistura.errors import ConfigError
 
 
-class Cache:
+class Cache(ABC):
     """Where decoding stands: tokens [0, pos) are cached, out of room for max_len.
 
     A batch of prompts of different lengths is left-padded to a common length: `pad`
@@ -30,10 +32,22 @@ class Cache:
     i - pad[b]). None means no padding.
     """
 
-    def __init__(self, max_len: int):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.max_len = max_len
         self.pos = 0
         self.pad: torch.Tensor | None = None
+        self.allocate(config, (config.n_layer, batch_size), max_len, dtype, device)
+
+    @abstractmethod
+    def allocate(self, config: ModelConfig, shape: tuple[int, int], max_len: int, dtype: torch.dtype, device) -> None:
+        """Create the buffers, once, for `shape` (L, B) and max_len positions."""
 
     def advance(self, length: int) -> None:
         self.pos += length
@@ -56,18 +70,10 @@ class KVCache(Cache):
     qk_nope_head_dim + qk_rope_head_dim channels and values v_head_dim.
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        super().__init__(max_len)
+    def allocate(self, config: ModelConfig, shape: tuple[int, int], max_len: int, dtype: torch.dtype, device) -> None:
         mla = config.mla
         k_dim, v_dim = (mla.qk_head_dim, mla.v_head_dim) if mla else (config.head_dim, config.head_dim)
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len)
+        shape = (*shape, config.n_kv_head, max_len)
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device)
 
@@ -87,19 +93,11 @@ class LatentCache(Cache):
     kv_lora_rank channels are its values, without a copy.
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
+    def allocate(self, config: ModelConfig, shape: tuple[int, int], max_len: int, dtype: torch.dtype, device) -> None:
         if config.mla is None:
             raise ConfigError("LatentCache: the model has no latent attention (model.mla); use KVCache")
-        super().__init__(max_len)
         rank, rope_dim = config.mla.kv_lora_rank, config.mla.qk_rope_head_dim
-        self.latent = torch.zeros(config.n_layer, batch_size, max_len, rank + rope_dim, dtype=dtype, device=device)
+        self.latent = torch.zeros(*shape, max_len, rank + rope_dim, dtype=dtype, device=device)
         self.c_kv, self.k_pe = self.latent[..., :rank], self.latent[..., rank:]  # slices: views that accept writes
 
     def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
