@@ -33,11 +33,12 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from mistura.checkpoint import load, load_tokenizer, resolve
+from mistura.checkpoint import resolve
 from mistura.data.tokenizer import BOS, EOS
 from mistura.errors import CheckpointError, ConfigError, DataError, MisturaError
-from mistura.infer.generate import generate_text
+from mistura.infer.generate import generate_text, not_utf8
 from mistura.infer.sampling import Sampling
+from mistura.loading import load, load_tokenizer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 OnText = Callable[[str], None]
@@ -165,6 +166,8 @@ class Chat:
                 f"max_new_tokens ({sampling.max_new_tokens}) leaves no room for the conversation in the model's "
                 f"context of {context} tokens"
             )
+        if system and not_utf8(system):
+            raise ConfigError(f"the system prompt is not valid UTF-8 text ({not_utf8(system)})")
         eos_id = tokenizer.token_to_id(template.eos_token)
         if eos_id is None:
             raise CheckpointError(f"{template.where}: eos_token {template.eos_token!r} is not in the tokenizer")
@@ -179,7 +182,10 @@ class Chat:
         """The assistant's answer to `text`, streamed through on_text; a too long message is a DataError.
 
         Ctrl-C (KeyboardInterrupt) stops the reply: the turn is kept with what was said so far.
+        A message that is not valid UTF-8 text (see not_utf8) is a DataError.
         """
+        if not_utf8(text):
+            raise DataError(f"the message is not valid UTF-8 text ({not_utf8(text)})")
         turns = [*self.messages, {"role": "user", "content": text}]
         prompt, dropped = self.fit(turns)
         if dropped:
@@ -240,9 +246,18 @@ def open_chat(
 
 
 def repl(chat: Chat) -> None:
-    """Read user messages from stdin (a terminal or a pipe) and print the replies as they come, until EOF or /sair."""
+    """Read user messages from stdin (a terminal or a pipe) and print the replies as they come, until EOF or /sair.
+
+    A line that is not UTF-8 (binary input, a terminal in another encoding) is reported and skipped.
+    """
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
+    # Under a UTF-8 locale stdin decodes strictly: input() would raise UnicodeDecodeError, and the rest of the
+    # bytes it had read (other lines) would be lost. Bytes that are not UTF-8 come as lone surrogates instead.
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+    number = 0  # lines read
     while True:
         try:
             line = input(PROMPT).strip()
@@ -251,6 +266,11 @@ def repl(chat: Chat) -> None:
             return
         except KeyboardInterrupt:
             print("\n(/sair or Ctrl-D to leave)")
+            continue
+        number += 1
+        problem = not_utf8(line)
+        if problem:
+            print(f"error: line {number} is not valid UTF-8 text ({problem}); skipped")
             continue
         if line in ("/sair", "/exit"):
             return

@@ -19,9 +19,33 @@ from mistura.model import Transformer
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """BOS followed by the prompt's ids, as documents were encoded for training."""
+    check_prompt(prompt)
+    return [BOS_ID, *tokenizer.encode(prompt).ids]
+
+
+def check_prompt(prompt: str) -> None:
+    """A DataError for a prompt that cannot be continued: empty, or not valid UTF-8 text."""
     if not prompt.strip():
         raise DataError("the prompt is empty: give some text to continue")
-    return [BOS_ID, *tokenizer.encode(prompt).ids]
+    problem = not_utf8(prompt)
+    if problem:
+        raise DataError(f"the prompt is not valid UTF-8 text ({problem})")
+
+
+def not_utf8(text: str) -> str | None:
+    """Where `text` stops being valid Unicode, or None: the first of its lone surrogates.
+
+    Python hands bytes that are not UTF-8 on in str as lone surrogates (U+DC80 to U+DCFF,
+    "surrogateescape"): command-line arguments always, stdin under the C locale. No
+    tokenizer encodes them, so a prompt holding one must be refused with this message.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        return f"{what} at character {err.start + 1}"
+    return None
 
 
 class TextStream:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from mistura.checkpoint import load, save_model
+from mistura.checkpoint import save_model
 from mistura.cli import main
 from mistura.config import ModelConfig
 from mistura.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
@@ -15,6 +15,7 @@ from mistura.errors import CheckpointError, DataError
 from mistura.infer import engine
 from mistura.infer.chat import DEFAULT_STOP, Chat, load_chat_template, open_chat, repl
 from mistura.infer.sampling import Sampling
+from mistura.loading import load
 from mistura.model import Transformer
 
 TEXT = (
@@ -253,3 +254,31 @@ def test_a_missing_checkpoint_or_a_malformed_flag_exits_with_2(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit:
         main(["chat", str(tmp_path), "--temperatura", "quente"])
     assert exit.value.code == 2
+
+
+@pytest.mark.parametrize("encoding", [None, "utf-8:strict"], ids=["locale", "strict-utf-8"])
+def test_mistura_chat_reports_a_line_that_is_not_utf8_and_goes_on(checkpoint, tmp_path, encoding):
+    """Binary bytes on stdin (kept as lone surrogates by Python, or a decoding error under a strict locale):
+    the line is reported and skipped, the lines around it are answered, no traceback, exit status 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONIOENCODING"}
+    if encoding is not None:
+        env["PYTHONIOENCODING"] = encoding
+    command = [sys.executable, "-c", "import sys; from mistura.cli import main; sys.exit(main())", "chat"]
+    flags = ["--temperatura", "0", "--max-novos-tokens", "4"]
+    done = subprocess.run(
+        [*command, str(checkpoint), *flags],
+        input="Olá\n".encode() + b"\xff\xfe\x00\x80 bin\xe1rio\n" + b"Capitu\n/sair\n",
+        capture_output=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    out, err = done.stdout.decode("utf-8", "replace"), done.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err and done.returncode == 0, err
+    assert "> error: line 2 is not valid UTF-8 text (byte 0xff at character 1); skipped\n> " in out
+    assert out.count("\n> ") == 3  # Olá answered, line 2 reported, Capitu answered, then /sair
+    assert list(tmp_path.iterdir()) == []
