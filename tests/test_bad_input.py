@@ -12,8 +12,7 @@ order before the command runs; a value is
 Rows with stdin run `mistura` in a subprocess; the others call `mistura.cli.main` in-process (same code, faster).
 
 A new command that takes input adds one row per malformed input it must refuse; `checkpoint_rows` gives a
-command that reads a checkpoint the broken-checkpoint rows in one line. A row that fails because of a known bug
-whose fix is elsewhere goes into XFAIL, with the fix to make.
+command that reads a checkpoint the broken-checkpoint rows in one line.
 """
 
 from __future__ import annotations
@@ -245,13 +244,6 @@ ROWS = [
     Row("convert fp8-to-bf16: missing folder", ["convert", "fp8-to-bf16", "{tmp}/nowhere", "{tmp}/out"], "nowhere"),
 ]
 
-# Rows that fail today, with the module where the fix belongs.
-XFAIL = {
-    "train: a section that is not a mapping": "mistura/train/config.py RunConfig.from_dict: dict(data['model']) "
-    "raises TypeError for a scalar or a list",
-}
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """A tiny random Llama (d_model 32, d_ff 64) with a BPE tokenizer."""
@@ -319,9 +311,7 @@ def run(argv: list[str], stdin: bytes | None, cwd: Path, capsys, monkeypatch) ->
 def params() -> list:
     names = [row.name for row in ROWS]
     assert len(set(names)) == len(names), "row names must be unique"
-    assert set(XFAIL) <= set(names), f"XFAIL names no row: {set(XFAIL) - set(names)}"
-    marks = {name: pytest.mark.xfail(strict=True, reason=reason) for name, reason in XFAIL.items()}
-    return [pytest.param(row, id=row.name, marks=[marks[row.name]] if row.name in marks else []) for row in ROWS]
+    return [pytest.param(row, id=row.name) for row in ROWS]
 
 
 @pytest.mark.parametrize("row", params())

@@ -11,6 +11,7 @@ that names it. `--set section.key=value` overrides any field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ class TrainConfig:
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 1000
+    max_minutes: float | None = None  # a training-time budget: stop at it or at max_steps (see train.trainer)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
@@ -70,6 +72,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise ConfigError(f"train.max_minutes: must be a positive number of minutes, got {self.max_minutes}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr: must be positive, got {self.lr}")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -106,7 +110,10 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train, sample")
         data_config = from_dict(DataConfig, data.get("data") or {}, "data")
-        model = dict(data.get("model") or {})
+        model = data.get("model") or {}
+        if not isinstance(model, dict):
+            raise ConfigError(f"model: expected a mapping of fields, got {type(model).__name__} {model!r}")
+        model = dict(model)
         if model.setdefault("vocab_size", data_config.vocab_size) != data_config.vocab_size:
             raise ConfigError(
                 f"model.vocab_size ({model['vocab_size']}) differs from data.vocab_size ({data_config.vocab_size}): "

@@ -1,7 +1,8 @@
 """The training state saved beside the weights: everything `--resume` needs to continue exactly.
 
-    train_state.json          step, data loader position, optimizer hyper-parameters,
-                              the resolved run config
+    train_state.json          step, seconds spent training (for a time budget), data
+                              loader position, optimizer hyper-parameters, the resolved
+                              run config
     train_state.safetensors   optimizer moments, RNG states, and with EMA on the raw
                               (non-averaged) weights, since model.safetensors then
                               holds the average
@@ -30,6 +31,7 @@ def save_state(
     directory: Path,
     *,
     step: int,
+    train_seconds: float,
     optimizer: torch.optim.Optimizer,
     loader_state: dict[str, Any],
     run_config: dict[str, Any],
@@ -52,6 +54,7 @@ def save_state(
     save_file(tensors, directory / STATE_TENSORS)
     meta = {
         "step": step,
+        "train_seconds": train_seconds,
         "loader": loader_state,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
         "run_config": run_config,
@@ -70,6 +73,11 @@ def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     except (json.JSONDecodeError, SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read the training state in {directory}: {err}") from err
     return meta, tensors
+
+
+def train_seconds(meta: dict[str, Any]) -> float:
+    """The seconds a saved run had spent training; 0 for a state saved before they were recorded."""
+    return float(meta.get("train_seconds", 0.0))
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

@@ -5,6 +5,15 @@ Every log_interval steps a record (loss, lr, gradient norm, tokens/s) goes to
 metrics.jsonl and the trackers; every eval_interval steps the validation loss and
 perplexity; every checkpoint_interval steps an atomic checkpoint that `--resume`
 continues from exactly: weights, optimizer moments, RNG, data position.
+
+Training ends at max_steps or, with train.max_minutes set, when the time spent training
+reaches that budget, whichever comes first; the learning-rate schedule follows the
+fraction of the run done (train.optim.fraction_done), so its cosine ends at the floor
+either way. The budget counts the optimizer steps only (forward, backward, update and
+their batches, and so a torch.compile's compilation in the first step), not evaluation,
+checkpoints or start-up: the same work, so the same schedule, whether or not a run was
+interrupted. Those seconds are saved with each checkpoint, and a resumed run spends what
+is left of the budget.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import dataclasses
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +51,9 @@ from mistura.train.allocator import retain_freed_memory
 from mistura.train.config import DataConfig, RunConfig
 from mistura.train.loggers import MetricsLog
 from mistura.train.moe_metrics import MoEMonitor
-from mistura.train.optim import build_optimizer, lr_at, set_lr
+from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
+
+BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,8 +74,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, log=print):
-        self.cfg, self.log = run.train, log
+    def __init__(self, run: RunConfig, log=print, clock: Callable[[], float] = time.perf_counter):
+        self.cfg, self.log, self.clock = run.train, log, clock
         self.out_dir = Path(self.cfg.out_dir)
         self.device = resolve_device(self.cfg.device)
         self.amp_dtype = autocast_dtype(self.cfg.precision, self.device)
@@ -92,6 +104,16 @@ class Trainer:
         moe_layers = [i for i, kind in enumerate(run.model.layer_mlp) if kind != "dense"]
         self.moe_monitor = MoEMonitor(moe_layers)
         self.step = 0
+        self.train_seconds = 0.0  # spent in optimizer steps, this run and those it resumes
+
+    @property
+    def fraction_done(self) -> float:
+        """The fraction of the run done, from 0 to 1 (see train.optim.fraction_done)."""
+        return fraction_done(self.step, self.train_seconds, self.cfg)
+
+    @property
+    def stopped_by_time(self) -> bool:
+        return self.fraction_done >= 1.0 and self.step < self.cfg.max_steps
 
     @property
     def eval_model(self) -> Transformer:
@@ -113,7 +135,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step; returns the mean main and auxiliary losses and the gradient norm before clipping."""
-        set_lr(self.optimizer, lr_at(self.step, self.cfg))
+        set_lr(self.optimizer, lr_at(self.step, self.cfg, self.fraction_done))
         main_total = aux_total = 0.0
         for _ in range(self.cfg.grad_accum):
             x, y = self.loader.next_batch()
@@ -129,6 +151,13 @@ class Trainer:
             self.ema.update_parameters(self.model)
         self.step += 1
         return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, float(grad_norm)
+
+    def timed_step(self) -> tuple[float, float, float]:
+        """train_step, adding its duration to train_seconds."""
+        begin = self.clock()
+        result = self.train_step()
+        self.train_seconds += self.clock() - begin
+        return result
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -162,6 +191,7 @@ class Trainer:
             train_state.save_state(
                 tmp,
                 step=self.step,
+                train_seconds=self.train_seconds,
                 optimizer=self.optimizer,
                 loader_state=self.loader.state_dict(),
                 run_config=run_to_dict(self.run),
@@ -191,45 +221,18 @@ class Trainer:
         train_state.restore_rng(tensors)
         self.loader.load_state_dict(meta["loader"])
         self.step = meta["step"]
-        self.log(f"resumed from {directory} at step {self.step}")
+        self.train_seconds = train_state.train_seconds(meta)
+        self.log(f"resumed from {directory} at step {self.step} ({self.train_seconds:.0f} s of training)")
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-        cfg = self.cfg
-        metrics = MetricsLog(self.out_dir, cfg.loggers, run_to_dict(self.run), notice=self.log)
-        if resume:
-            self.resume()
-            metrics.drop_after(self.step)
-        elif metrics.path.exists():
-            raise ConfigError(
-                f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
-            )
+        metrics = self._open_metrics(resume)
         self.log(describe(self))
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.model.max_seq_len
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not progress, desc=self.out_dir.name, unit="step")
+        self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.run.model.max_seq_len
+        bar = self._progress_bar(progress)
         self.model.train()
-        start = window_start = time.perf_counter()
-        window_steps, best = 0, math.inf
+        start = self.clock()
         try:
-            while self.step < cfg.max_steps:
-                main, aux, grad_norm = self.train_step()
-                window_steps += 1
-                last = self.step == cfg.max_steps
-                if self.step % cfg.log_interval == 0 or last:
-                    now = time.perf_counter()
-                    rate = window_steps * self.tokens_per_step / (now - window_start)
-                    metrics.write(self._train_record(main, aux, grad_norm, rate, now - start))
-                    bar.set_postfix(loss=f"{main:.3f}", tok_s=f"{rate:,.0f}")
-                    window_start, window_steps = now, 0
-                if self.step % cfg.eval_interval == 0 or last:
-                    record = self._eval_record()
-                    best = min(best, record["val_loss"])
-                    metrics.write(record)
-                    bar.write(
-                        f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}"
-                    )
-                if self.step % cfg.checkpoint_interval == 0 or last:
-                    self.save()
-                bar.update(1)
+            best = self._loop(metrics, bar, start)
         except KeyboardInterrupt:
             bar.write(f"interrupted: saving step {self.step}; continue with --resume")
             self.save()
@@ -237,29 +240,99 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+        self.log(self._ending())
         final = self.evaluate()
         return {
             "steps": self.step,
             **final,
             "best_val_loss": min(best, final["val_loss"]),
             "unigram_loss": self.meta.get("unigram_loss"),
-            "wall_s": time.perf_counter() - start,
+            "wall_s": self.clock() - start,
+            "train_s": self.train_seconds,
+            "max_steps": self.cfg.max_steps,
+            "max_minutes": self.cfg.max_minutes,
+            "stopped_by": self._stopped_by(),
             "checkpoint": str(latest_checkpoint(self.out_dir)),
         }
 
-    def _train_record(self, main: float, aux: float, grad_norm: float, rate: float, elapsed: float) -> dict[str, Any]:
-        return {
+    def _open_metrics(self, resume: bool) -> MetricsLog:
+        """The run's metrics log, after restoring the latest checkpoint when resuming."""
+        metrics = MetricsLog(self.out_dir, self.cfg.loggers, run_to_dict(self.run), notice=self.log)
+        if resume:
+            self.resume()
+            metrics.drop_after(self.step)
+        elif metrics.path.exists():
+            raise ConfigError(
+                f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
+            )
+        return metrics
+
+    def _loop(self, metrics: MetricsLog, bar: tqdm, start: float) -> float:
+        """Train until the run is done, logging, evaluating and saving on the way; returns the best validation loss."""
+        cfg = self.cfg
+        window_start, window_steps, best = self.clock(), 0, math.inf
+        while self.fraction_done < 1.0:
+            main, aux, grad_norm = self.timed_step()
+            window_steps += 1
+            last = self.fraction_done >= 1.0
+            if self.step % cfg.log_interval == 0 or last:
+                now = self.clock()
+                rate = window_steps * self.tokens_per_step / (now - window_start)
+                metrics.write(self._train_record(main, aux, grad_norm, rate, now - start, last))
+                bar.set_postfix(loss=f"{main:.3f}", tok_s=f"{rate:,.0f}", step=self.step)
+                window_start, window_steps = now, 0
+            if self.step % cfg.eval_interval == 0 or last:
+                record = self._eval_record()
+                best = min(best, record["val_loss"])
+                metrics.write(record)
+                bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}")
+            if self.step % cfg.checkpoint_interval == 0 or last:
+                self.save()
+            self._advance(bar)
+        return best
+
+    def _progress_bar(self, enabled: bool) -> tqdm:
+        """Steps out of max_steps; with a time budget, the percentage of the run done, whose end
+        (and so the time left) is whichever of max_steps and the budget comes first."""
+        name = self.out_dir.name
+        if self.cfg.max_minutes is None:
+            return tqdm(total=self.cfg.max_steps, initial=self.step, disable=not enabled, desc=name, unit="step")
+        desc = f"{name} ({self.cfg.max_minutes:g} min or {self.cfg.max_steps} steps)"
+        return tqdm(total=100, initial=100 * self.fraction_done, disable=not enabled, desc=desc, bar_format=BUDGET_BAR)
+
+    def _advance(self, bar: tqdm) -> None:
+        bar.update(1 if self.cfg.max_minutes is None else 100 * self.fraction_done - bar.n)
+
+    def _stopped_by(self) -> str:
+        return "time_budget" if self.stopped_by_time else "max_steps"
+
+    def _ending(self) -> str:
+        cfg = self.cfg
+        if self.stopped_by_time:
+            return f"stopped by the time budget ({cfg.max_minutes:g} min) at step {self.step} of {cfg.max_steps}"
+        budget = "" if cfg.max_minutes is None else f" of the {cfg.max_minutes:g} min budget"
+        return f"reached max_steps {cfg.max_steps} after {self.train_seconds / 60:.1f} min of training{budget}"
+
+    def _train_record(
+        self, main: float, aux: float, grad_norm: float, rate: float, elapsed: float, last: bool
+    ) -> dict[str, Any]:
+        record = {
             "step": self.step,
             "loss": main + aux,
             "loss/main": main,
             "loss/aux": aux,
-            "lr": lr_at(self.step - 1, self.cfg),
+            "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": grad_norm,
             "tokens_per_s": rate,
             "tokens": self.step * self.tokens_per_step,
             "elapsed_s": elapsed,
+            "train_s": self.train_seconds,
+            "fraction_done": self.fraction_done,
             **self.moe_monitor.summary(),
         }
+        if last:
+            record["stopped_by"] = self._stopped_by()
+        return record
 
     def _eval_record(self) -> dict[str, Any]:
         return {"step": self.step, **self.evaluate(), "tokens": self.step * self.tokens_per_step}
@@ -291,8 +364,9 @@ def run_to_dict(run: RunConfig) -> dict[str, Any]:
 def describe(trainer: Trainer) -> str:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     amp = "bf16 autocast" if trainer.amp_dtype else "fp32"
+    budget = "" if trainer.cfg.max_minutes is None else f" (or {trainer.cfg.max_minutes:g} min of training)"
     return (
         f"model {trainer.run.model.name}: {n_params / 1e6:.2f}M parameters | device {trainer.device} ({amp}) | "
-        f"{trainer.cfg.max_steps} steps of {trainer.cfg.batch_size * trainer.cfg.grad_accum} x "
+        f"{trainer.cfg.max_steps} steps{budget} of {trainer.cfg.batch_size * trainer.cfg.grad_accum} x "
         f"{trainer.run.model.max_seq_len} tokens"
     )
