@@ -109,6 +109,20 @@ class Transformer(nn.Module):
 
         With return_aux, also the MoEAux of every expert layer (auxiliary losses, load, statistics).
         """
+        x, auxes = self.hidden_states(idx, cache, return_aux=True)
+        logits = self.lm_head(x)  # (B, T, V)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return (logits, auxes) if return_aux else logits
+
+    def hidden_states(
+        self, idx: torch.Tensor, cache: Cache | None = None, return_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[MoEAux]]:
+        """The final normed hidden states norm(h_N) (B, T, D) that the lm_head reads, for token ids idx (B, T).
+
+        What a reward or value head reads instead of the logits; cache and return_aux as in forward.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         self._check_length(start + T, cache)
@@ -133,11 +147,8 @@ class Transformer(nn.Module):
                 auxes.append(aux)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        cap = self.config.logit_softcap
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
-        return (logits, auxes) if return_aux else logits
+        x = self.norm(x)  # (B, T, D)
+        return (x, auxes) if return_aux else x
 
     @staticmethod
     def _positions(start: int, length: int, cache: Cache | None, device: torch.device) -> torch.Tensor:
