@@ -27,6 +27,7 @@ from mistura.checkpoint import load_checkpoint, resolve
 from mistura.convert.hf import is_hugging_face, load_hf
 from mistura.convert.parallel import is_model_parallel, load_model_parallel
 from mistura.data.tokenizer import load_tokenizer as read_tokenizer
+from mistura.lora.checkpoint import adapter_base, is_adapter, load_adapted
 from mistura.model import Transformer
 from mistura.quant.checkpoint import is_quantized, load_quantized
 
@@ -43,6 +44,7 @@ class Format:
 
 
 FORMATS = (
+    Format("LoRA adapter folder", is_adapter, lambda folder, device, dtype: load_adapted(folder, load, device, dtype)),
     Format("Hugging Face folder", is_hugging_face, load_hf),
     Format("model-parallel folder", is_model_parallel, load_model_parallel),
     Format("quantised checkpoint", is_quantized, load_quantized),
@@ -52,9 +54,10 @@ FORMATS = (
 
 def load(path: str | Path, device: Device = None, dtype: torch.dtype | None = None) -> Transformer:
     """A checkpoint, a run's latest checkpoint, a Hugging Face folder, a model-parallel folder
-    (its rank files merged) or a quantised checkpoint (see mistura.quant), as a ready model
-    in eval mode, on `device` and in `dtype` if given."""
-    directory = resolve(path)
+    (its rank files merged), a quantised checkpoint (see mistura.quant) or a LoRA adapter folder
+    (the base it names, adapted; see mistura.lora), as a ready model in eval mode, on `device`
+    and in `dtype` if given."""
+    directory = Path(path) if is_adapter(Path(path)) else resolve(path)  # an adapter folder has no config.json
     return find_format(directory).load(directory, device, dtype)
 
 
@@ -64,5 +67,7 @@ def find_format(directory: Path) -> Format:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer saved with a checkpoint (or a run's latest checkpoint)."""
+    """The tokenizer saved with a checkpoint (or a run's latest checkpoint); an adapter folder's is its base's."""
+    if is_adapter(Path(path)):
+        return load_tokenizer(adapter_base(path))
     return read_tokenizer(resolve(path) / "tokenizer.json")

@@ -18,6 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="a preset name (e.g. gpt2-small) or a run config YAML")
     add_set_option(p, "override a model field, e.g. n_layer=6")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--lora-rank", type=int, metavar="R", help="also count the parameters LoRA of rank R trains")
+    p.add_argument(
+        "--lora-targets", nargs="+", default=["all-linear"], metavar="T", help="layer patterns or groups LoRA adapts"
+    )
     p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("plan", help="compute-optimal model size and token budget (Chinchilla, C = 6 N D)")
@@ -48,9 +52,11 @@ def cmd_params(args: argparse.Namespace) -> None:
 
     config = model_config(args.config, args.set)
     with torch.device("meta"):
-        counts = Transformer(config).parameter_counts()
+        model = Transformer(config)
+        counts = model.parameter_counts()
+        lora = lora_counts(model, args.lora_rank, args.lora_targets) if args.lora_rank else {}
     if args.json:
-        print(json.dumps({**counts, "kv_cache_bytes_per_token_bf16": config.kv_cache_bytes_per_token(2)}))
+        print(json.dumps({**counts, "kv_cache_bytes_per_token_bf16": config.kv_cache_bytes_per_token(2), **lora}))
         return
     yarn = config.yarn
     rows = [
@@ -64,8 +70,19 @@ def cmd_params(args: argparse.Namespace) -> None:
         ("KV cache per token (bf16)", f"{config.kv_cache_bytes_per_token(2):,} bytes"),
         ("KV cache per token (fp32)", f"{config.kv_cache_bytes_per_token(4):,} bytes"),
     ]
+    if lora:
+        trained = f"{lora['lora_trainable']:,} ({lora['lora_share']:.2%})"
+        rows.append((f"trainable with LoRA r={args.lora_rank}", trained))
     for label, value in rows:
         print(f"{label:<30} {value}")
+
+
+def lora_counts(model, rank: int, targets: list[str]) -> dict[str, int | float]:
+    """The parameters LoRA of `rank` on `targets` trains, and their share of the adapted model's."""
+    from mistura.lora import LoRAConfig, apply_lora, trainable_share
+
+    share = trainable_share(apply_lora(model, LoRAConfig(rank=rank, targets=tuple(targets))))
+    return {"lora_trainable": share.trainable, "lora_share": share.fraction}
 
 
 def model_config(name: str, settings: list[str]):

@@ -5,7 +5,8 @@ stores for W, fills them from a full-precision weight (`quantize_`), says which 
 stand for (`dequantize`) and computes the product (`matmul`), with a fast kernel where
 one fits and otherwise by the reference semantics `x @ dequantize().T`. The bias, if
 any, stays in full precision. A layer is built empty from its shape, as loading needs,
-and filled by `quantize_` or by `load_state_dict`.
+and filled by `quantize_` or by `load_state_dict`. The layer is frozen but passes gradients
+on to its input (`FrozenProduct`), so adapters trained on a quantised model (QLoRA) get theirs.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class QuantLinear(nn.Module, ABC):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        y = self.matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        y = FrozenProduct.apply(x.reshape(-1, self.in_features), self).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,3 +65,17 @@ class QuantLinear(nn.Module, ABC):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"format={self.format}, group_size={self.group_size}"
         )
+
+
+class FrozenProduct(torch.autograd.Function):
+    """`layer.matmul(x)`, differentiable in x: the CPU kernels have no backward, and the weight is frozen,
+    so the gradient x receives is grad @ W through the dequantised weight (QLoRA trains adapters this way)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:  # (M, in) -> (M, out)
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # (M, out) -> (M, in)
+        return grad @ ctx.layer.dequantize(grad.dtype), None

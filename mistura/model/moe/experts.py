@@ -37,25 +37,37 @@ class GroupedExperts(nn.Module):
         The down projection is linear, so a row's weight may scale its input (A, F) or its
         output (A, D): the narrower one, which costs fewer multiplications forward and back.
         """
-        hidden = F.silu(self._matmul(x, self.gate_proj, counts)) * self._matmul(x, self.up_proj, counts)
+        hidden = F.silu(self.project("gate_proj", x, counts)) * self.project("up_proj", x, counts)
         if weights is None:
-            return self._matmul(hidden, self.down_proj, counts)
+            return self.project("down_proj", hidden, counts)
         if hidden.shape[1] < x.shape[1]:
-            return self._matmul(hidden * weights, self.down_proj, counts)
-        return self._matmul(hidden, self.down_proj, counts) * weights
+            return self.project("down_proj", hidden * weights, counts)
+        return self.project("down_proj", hidden, counts) * weights
+
+    def project(self, name: str, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Row group e of x (A, in) through expert e's projection `name` (gate_proj, up_proj, down_proj) -> (A, out).
+
+        The one place a projection runs: quantised experts swap the product (`_matmul`), LoRA adds to it.
+        """
+        return self._matmul(x, getattr(self, name), counts)
 
     @staticmethod
     def _matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Row group e of x times weight[e].T; x (A, in), weight (E, out, in) -> (A, out)."""
-        # The kernels need 16-byte aligned rows: the in and out widths times the element size.
-        aligned = all(width * x.element_size() % 16 == 0 for width in weight.shape[-2:])
-        grouped = HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0
-        if grouped and (x.device.type == "cpu" or x.dtype == torch.bfloat16):  # CUDA kernels take bf16
-            offsets = counts.cumsum(0).to(torch.int32)
-            return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-        pieces = x.split(counts.tolist())
-        return torch.cat([piece @ weight[e].T for e, piece in enumerate(pieces)])
+        """`project`'s product for stacked weights (E, out, in); quantised experts swap it."""
+        return grouped_matmul(x, weight, counts)
 
     def extra_repr(self) -> str:
         n_experts, d_expert, d_model = self.gate_proj.shape
         return f"experts={n_experts}, d_model={d_model}, d_expert={d_expert}"
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Row group e of x times weight[e].T; x (A, in), weight (E, out, in), counts (E,) -> (A, out)."""
+    # The kernels need 16-byte aligned rows: the in and out widths times the element size.
+    aligned = all(width * x.element_size() % 16 == 0 for width in weight.shape[-2:])
+    grouped = HAS_GROUPED_MM and aligned and x.dtype == weight.dtype and x.shape[0] > 0
+    if grouped and (x.device.type == "cpu" or x.dtype == torch.bfloat16):  # CUDA kernels take bf16
+        offsets = counts.cumsum(0).to(torch.int32)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    pieces = x.split(counts.tolist())
+    return torch.cat([piece @ weight[e].T for e, piece in enumerate(pieces)])
