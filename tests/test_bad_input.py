@@ -58,6 +58,21 @@ HF_LLAMA = json.dumps(
     )
 )
 
+# A LoRA adapter folder's config for a base wider than the tiny checkpoint (d_model 48, not 32), naming no base path.
+OTHER_ADAPTER = json.dumps(
+    dict(
+        format="mistura-lora",
+        lora={"rank": 2},
+        layers=[],
+        base=dict(path=None, config=ModelConfig.from_name("llama-tiny", d_model=48, n_head=4).to_dict()),
+    )
+)
+ADAPTER_FOR_ANOTHER_BASE = {
+    "a/adapter_config.json": OTHER_ADAPTER,
+    "a/adapter.safetensors": b"",
+    "a/manifest.json": REHASH,
+}
+
 
 @dataclass
 class Row:
@@ -116,6 +131,20 @@ FROM_HF = ["convert", "from-hf", "{tmp}/hf", "{tmp}/out"]
 
 def train(name: str, says: str, yaml: str | bytes, *flags: str) -> Row:
     return Row(f"train: {name}", [*TRAIN_RUN, *flags], says, {"run.yaml": yaml})
+
+
+FINETUNE = ["finetune", "{ckpt}", "--data", "{tmp}/d.jsonl", "--val", "{tmp}/d.jsonl", "--out", "{tmp}/run"]
+CHAT = '{"messages": [{"role": "user", "content": "Olá"}, {"role": "assistant", "content": "Bom dia."}]}\n'
+SYSTEM_CHAT = CHAT.replace('[{"role": "user"', '[{"role": "system", "content": "Seja breve."}, {"role": "user"')
+USER_ONLY = '{"messages": [{"role": "user", "content": "Olá"}]}\n'
+USER_LAST = CHAT.replace("}]}", '}, {"role": "user", "content": "E então?"}]}')
+NO_SYSTEM = "{% if messages[0].role == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ messages }}"
+FINETUNE_EVAL = ["finetune-eval", "{ckpt}", "--data", "{tmp}/d.jsonl"]
+
+
+def finetune(name: str, says: str, data: str | bytes, *flags: str, files: dict[str, Value] | None = None) -> Row:
+    """A `mistura finetune` row on the data file {tmp}/d.jsonl (train and validation), run dir {tmp}/run."""
+    return Row(f"finetune: {name}", [*FINETUNE, *flags], says, {"d.jsonl": data, **(files or {})})
 
 
 ROWS = [
@@ -241,8 +270,60 @@ ROWS = [
         ["convert", "to-hf", "{ckpt}", "{tmp}/hf", "--model-type", "gpt-17"],
         "gpt-17",
     ),
+    # LoRA adapters
+    Row("lora merge: missing adapter", ["lora", "merge", "{tmp}/none", "{tmp}/out", "--base", "{ckpt}"], "not found"),
+    Row(
+        "lora merge: adapter for another base",
+        ["lora", "merge", "{tmp}/a", "{tmp}/out", "--base", "{ckpt}"],
+        "d_model=48 (this base: 32)",
+        ADAPTER_FOR_ANOTHER_BASE,
+    ),
+    Row("lora merge: no base", ["lora", "merge", "{tmp}/a", "{tmp}/out"], "names no base", ADAPTER_FOR_ANOTHER_BASE),
+    Row("lora merge: into its base", ["lora", "merge", "{tmp}/a", "{ckpt}", "--base", "{ckpt}"], "another folder"),
+    Row(
+        "lora import-peft: not a PEFT folder",
+        ["lora", "import-peft", "{tmp}", "{tmp}/out", "--base", "{ckpt}"],
+        "not a PEFT adapter folder",
+    ),
     Row("convert fp8-to-bf16: missing folder", ["convert", "fp8-to-bf16", "{tmp}/nowhere", "{tmp}/out"], "nowhere"),
+    # fine-tuning
+    finetune("malformed JSONL line", "d.jsonl, line 2: not valid JSON", CHAT + '{"messages": [\n'),
+    finetune("not an object", "line 1: expected a JSON object", "[1, 2]\n"),
+    finetune("empty messages", "line 1: 'messages' is empty", '{"messages": []}\n'),
+    finetune("no assistant turn", "line 1: no assistant message", USER_ONLY),
+    finetune("unknown role", "message 2 has role 'bot'", CHAT.replace('"assistant"', '"bot"')),
+    finetune("empty content", "message 2 (assistant) has no content", CHAT.replace("Bom dia.", "")),
+    finetune("prompt without completion", "'completion' must be a string", '{"prompt": "Olá"}\n'),
+    finetune(
+        "a prompt longer than the context",
+        "line 1: the formatted conversation takes",
+        json.dumps({"prompt": "Capitu tinha olhos de cigana. " * 20, "completion": "Sim."}) + "\n",
+    ),
+    finetune("empty data file", "holds no examples", ""),
+    finetune("data file not UTF-8", "d.jsonl is not UTF-8", b"\xff\xfe\n"),
+    Row("finetune: missing data file", FINETUNE, "data file not found"),
+    Row("finetune: no --data", ["finetune", "{ckpt}", "--out", "{tmp}/run"], "no training data"),
+    Row("finetune: no checkpoint", FINETUNE[:1] + FINETUNE[2:], "no base checkpoint", {"d.jsonl": CHAT}),
+    Row("finetune: missing checkpoint", ["finetune", "{tmp}/nowhere", *FINETUNE[2:]], "not found", {"d.jsonl": CHAT}),
+    finetune("unknown method", "method: must be one of 'full', 'lora', got 'qlora'", CHAT, "--method", "qlora"),
+    finetune("single example, no --val", "a single example cannot be split", CHAT, "--set", "data.val=null"),
+    finetune("--set of an unknown field", "unknown key 'max_stepz'", CHAT, "--set", "train.max_stepz=3"),
+    finetune("unknown config section", "['modle']", CHAT, "--config", "{tmp}/ft.yaml", files={"ft.yaml": "modle: 2\n"}),
+    finetune("LoRA target of no layer", "matches no layer", CHAT, "--method", "lora", "--set", "lora.targets=[q]"),
+    finetune("run exists, no --resume", "already holds a run", CHAT, files={"run/metrics.jsonl": ""}),
+    Row(
+        "finetune: a template that cannot format the data",
+        ["finetune", "{tmp}/t", *FINETUNE[2:]],
+        "line 1: the chat template cannot format this conversation",
+        {"d.jsonl": SYSTEM_CHAT, "t/": CKPT, "t/chat_template.jinja": NO_SYSTEM, "t/manifest.json": REHASH},
+    ),
+    Row("finetune-eval: missing data file", FINETUNE_EVAL, "data file not found"),
+    Row("finetune-eval: answer not last", FINETUNE_EVAL, "must be the assistant's answer", {"d.jsonl": USER_LAST}),
+    Row("finetune-eval: batch size 0", [*FINETUNE_EVAL, "--batch-size", "0"], "batch size", {"d.jsonl": CHAT}),
+    Row("finetune-data: unknown task", ["finetune-data", "machado-autores", "{tmp}/o"], "unknown task"),
+    Row("finetune-data: folder not empty", ["finetune-data", "machado-obras", "{tmp}/o"], "already", {"o/x": "x"}),
 ]
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:

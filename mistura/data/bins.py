@@ -58,7 +58,26 @@ def open_tokens(path: str | Path, dtype: str | np.dtype) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-class BatchLoader:
+class SeededBatches:
+    """A batch source whose batch i depends on (seed, i) alone, so that its state is those two integers."""
+
+    seed: int
+    batches_drawn: int
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a `state_dict()`: the next batch is the one that followed it."""
+        try:
+            self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(
+                f"batch loader state must hold integer 'seed' and 'batches_drawn', got {state!r}"
+            ) from error
+
+
+class BatchLoader(SeededBatches):
     """Random (x, y) windows from a token array, reproducible batch by batch."""
 
     def __init__(
@@ -97,15 +116,3 @@ class BatchLoader:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a `state_dict()`: the next batch is the one that followed it."""
-        try:
-            self.seed, self.batches_drawn = int(state["seed"]), int(state["batches_drawn"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise CheckpointError(
-                f"batch loader state must hold integer 'seed' and 'batches_drawn', got {state!r}"
-            ) from error

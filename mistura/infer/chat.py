@@ -86,7 +86,7 @@ class ChatTemplate:
         stop: tuple[str, ...] = (),  # strings that end a reply besides the eos token
         where: str = "the default chat template",
     ):
-        self.bos_token, self.eos_token, self.stop, self.where = bos_token, eos_token, stop, where
+        self.source, self.bos_token, self.eos_token, self.stop, self.where = source, bos_token, eos_token, stop, where
         with self._errors():
             self.template = _ENVIRONMENT.from_string(source)
 
@@ -107,8 +107,8 @@ class ChatTemplate:
             raise CheckpointError(f"{self.where}: chat template error: {err}") from err
 
 
-def load_chat_template(checkpoint: str | Path) -> ChatTemplate:
-    """The checkpoint's chat template (chat_template.jinja first, then tokenizer_config.json), else the default one."""
+def load_chat_template(checkpoint: str | Path, default: str = DEFAULT_TEMPLATE) -> ChatTemplate:
+    """The checkpoint's chat template (chat_template.jinja first, then tokenizer_config.json), else `default`."""
     directory = resolve(checkpoint)
     config_path = directory / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
@@ -121,7 +121,7 @@ def load_chat_template(checkpoint: str | Path) -> ChatTemplate:
         if not isinstance(source, str):
             raise CheckpointError(f"{config_path}: chat_template must be a string (a Jinja template)")
         return ChatTemplate(source, **tokens, where=f"{config_path} (chat_template)")
-    return ChatTemplate(DEFAULT_TEMPLATE, **tokens, stop=DEFAULT_STOP)
+    return ChatTemplate(default, **tokens, stop=DEFAULT_STOP)
 
 
 def _read_json(path: Path) -> dict:

@@ -126,6 +126,8 @@ def generate_text(
     def on_token(token: torch.Tensor) -> torch.Tensor:
         for row, (stream, token_id) in enumerate(zip(streams, token.tolist(), strict=True)):
             emit(row, stream.push(token_id))
+            if token_id == eos_id:  # the row has ended: what the batch draws for it next is not its text
+                stream.stopped = True
         return torch.tensor([s.stopped for s in streams], device=token.device)
 
     generate(model, rows, sampling, eos_id=eos_id, on_token=on_token)

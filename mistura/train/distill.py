@@ -66,9 +66,10 @@ class DistillationTrainer(Trainer):
             )
             self.loader = HalfAndHalf(self.loader, written, self.run.model.max_seq_len, self.cfg.seed, self.device)
 
-    def loss(self, model: torch.nn.Module, x, y, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model: torch.nn.Module, batch, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         if not model.training:  # validation: cross-entropy on the text, as in a plain run
-            return super().loss(model, x, y, smoothing)
+            return super().loss(model, batch, smoothing)
+        x, _ = batch
         with self._autocast():
             logits, auxes = model(x, return_aux=True)  # (B, T, V)
             with torch.no_grad():

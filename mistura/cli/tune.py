@@ -1,0 +1,82 @@
+"""Post-training: `mistura finetune` teaches a checkpoint to answer as a JSONL file of conversations does
+(every weight, or LoRA adapters), `mistura finetune-data` writes a small task set made from the embedded
+corpus, and `mistura finetune-eval` scores a checkpoint's answers to held-out conversations.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mistura.cli.options import add_no_progress_option, add_set_option
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `finetune`, `finetune-data` and `finetune-eval` to the subcommands."""
+    p = sub.add_parser("finetune", help="supervised fine-tuning on JSONL conversations, in full or with LoRA")
+    p.add_argument("checkpoint", nargs="?", help="base checkpoint or run directory (default: base: of --config)")
+    p.add_argument("--data", "--dados", metavar="FILE.jsonl", help='{"messages": [...]} or {"prompt", "completion"}')
+    p.add_argument("--val", metavar="FILE.jsonl", help="held-out conversations (default: data.val_fraction of --data)")
+    p.add_argument("--method", "--metodo", help="full (default) or lora")
+    p.add_argument("--config", metavar="FT.yaml", help="a fine-tuning config, e.g. configs/finetune/machado-obras.yaml")
+    p.add_argument("--out", "--saida", help="the run's directory (train.out_dir)")
+    add_set_option(p, "override a field, e.g. train.max_steps=100 or lora.rank=4")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    add_no_progress_option(p, "no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("finetune-data", help="write a fine-tuning task set made from the embedded corpus")
+    p.add_argument("task", help="machado-obras: which of five works a passage comes from")
+    p.add_argument("out", nargs="?", help="a new folder for train.jsonl and test.jsonl (default: data/TASK)")
+    p.add_argument("--seed", type=int, default=1337, help="the shuffle and held-out split (default: 1337)")
+    p.set_defaults(func=cmd_finetune_data)
+
+    p = sub.add_parser("finetune-eval", help="score a checkpoint's answers: exact match and ranking of the answers")
+    p.add_argument("checkpoint", help="checkpoint or run directory")
+    p.add_argument("--data", "--dados", required=True, metavar="FILE.jsonl", help="conversations ending in the answer")
+    p.add_argument("--batch-size", type=int, default=32, help="conversations scored together (default: 32)")
+    p.set_defaults(func=cmd_finetune_eval)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from mistura.fields import merge, parse_overrides
+    from mistura.tune.config import FinetuneConfig
+    from mistura.tune.sft import FineTuner
+
+    flags = {
+        "base": args.checkpoint,
+        "method": args.method,
+        "data": {"train": args.data, "val": args.val},
+        "train": {"out_dir": args.out},
+    }
+    run = FinetuneConfig.from_yaml(args.config, merge(given(flags), parse_overrides(args.set)))
+    summary = FineTuner(run).fit(resume=args.resume, progress=not args.no_progress)
+    print(
+        f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss of the assistant's tokens "
+        f"{summary['val_loss']:.3f} | checkpoint {summary['checkpoint']}"
+    )
+
+
+def given(flags: dict) -> dict:
+    """The flags that were given (not None), sections that end up empty left out."""
+    kept = {key: given(value) if isinstance(value, dict) else value for key, value in flags.items()}
+    return {key: value for key, value in kept.items() if value not in (None, {})}
+
+
+def cmd_finetune_data(args: argparse.Namespace) -> None:
+    from mistura.tune.tasks import write_task
+
+    out = args.out or f"data/{args.task}"
+    counts = write_task(args.task, out, seed=args.seed)
+    print(f"{counts['train']} training and {counts['test']} held-out examples written to {out}")
+    print(f"fine-tune on them with: mistura finetune CKPT --data {out}/train.jsonl")
+
+
+def cmd_finetune_eval(args: argparse.Namespace) -> None:
+    import mistura
+    from mistura.tune.data import read_conversations
+    from mistura.tune.evaluate import score
+    from mistura.tune.template import tuning_template
+
+    conversations = read_conversations(args.data)
+    model, tokenizer = mistura.load(args.checkpoint), mistura.load_tokenizer(args.checkpoint)
+    print(score(model, tokenizer, tuning_template(args.checkpoint), conversations, args.batch_size))

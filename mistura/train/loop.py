@@ -1,0 +1,366 @@
+"""The optimisation loop every training run shares: pretraining, distillation, fine-tuning.
+
+One optimizer step = grad_accum batches. Every log_interval steps a record (loss, lr,
+gradient norm, tokens/s) goes to metrics.jsonl and the trackers; every eval_interval steps
+the validation loss and perplexity; every checkpoint_interval steps an atomic checkpoint
+that `--resume` continues from exactly: weights, optimizer moments, RNG, data position.
+
+Training ends at max_steps or, with train.max_minutes set, when the time spent training
+reaches that budget, whichever comes first; the learning-rate schedule follows the
+fraction of the run done (train.optim.fraction_done), so its cosine ends at the floor
+either way. The budget counts the optimizer steps only (forward, backward, update and
+their batches, and so a torch.compile's compilation in the first step), not evaluation,
+checkpoints or start-up: the same work, so the same schedule, whether or not a run was
+interrupted. Those seconds are saved with each checkpoint, and a resumed run spends what
+is left of the budget.
+
+What differs between runs, a subclass supplies (mistura.train.trainer.Trainer pretrains,
+mistura.tune.sft.FineTuner fine-tunes):
+
+    use_model(model)               in its constructor: the model to train
+    self.loader                    the training batches, a `Batches`
+    loss(model, batch, smoothing)  a batch's loss; by default the cross-entropy of a batch (x, y),
+                                   positions whose label is IGNORE left out
+    validation_batches()           the batches evaluate() averages the loss over, the same each time
+    save_model_files(dir, model)   the model's files in a checkpoint; load_model_files reads them back
+    tokens_done(), config_dict(), describe()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from mistura.checkpoint import (
+    STEP_PREFIX,
+    checkpoint_directory,
+    complete_weights,
+    latest_checkpoint,
+    read_weights,
+    verify,
+    weights_of,
+)
+from mistura.errors import ConfigError
+from mistura.model import Transformer
+from mistura.train import state as train_state
+from mistura.train.config import TrainConfig
+from mistura.train.loggers import MetricsLog
+from mistura.train.moe_metrics import MoEMonitor
+from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
+
+BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+IGNORE = -100  # a label the loss leaves out (cross-entropy's ignore_index)
+
+
+class Batches(Protocol):
+    """A source of training batches whose position a checkpoint saves: the next batch after
+    `load_state_dict(state_dict())` is the one that would have followed."""
+
+    def next_batch(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on request, or by default on CUDA devices that support it; else fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+class TrainLoop(ABC):
+    loader: Batches
+
+    def __init__(self, cfg: TrainConfig, log=print, clock: Callable[[], float] = time.perf_counter):
+        self.cfg, self.log, self.clock = cfg, log, clock
+        self.out_dir = Path(cfg.out_dir)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.step = 0
+        self.train_seconds = 0.0  # spent in optimizer steps, this run and those it resumes
+
+    def use_model(self, model: Transformer) -> None:
+        """Train `model` (its parameters that require gradients): on the device, with its optimizer and EMA."""
+        self.model = model.to(self.device)
+        self.model.activation_checkpointing = self.cfg.activation_checkpointing
+        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=False)
+            if self.cfg.ema_decay is not None
+            else None
+        )
+        self.moe_monitor = MoEMonitor([i for i, kind in enumerate(model.config.layer_mlp) if kind != "dense"])
+
+    @abstractmethod
+    def validation_batches(self) -> Iterable[Any]:
+        """The batches evaluate() averages the main loss over: the same ones at every evaluation."""
+
+    @abstractmethod
+    def save_model_files(self, directory: Path, model: Transformer) -> None:
+        """Write `model` into a checkpoint being built in `directory` (beside the training state)."""
+
+    @abstractmethod
+    def tokens_done(self) -> int:
+        """The tokens of the batches trained on so far."""
+
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The run's resolved config, as saved in metrics and checkpoints."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line saying what the run trains, where and for how long."""
+
+    def load_model_files(self, directory: Path, model: Transformer) -> None:
+        """Read the weights `save_model_files` wrote into `model`: by default a native model.safetensors."""
+        model.load_state_dict(read_weights(directory / "model.safetensors", model))
+
+    @property
+    def fraction_done(self) -> float:
+        """The fraction of the run done, from 0 to 1 (see train.optim.fraction_done)."""
+        return fraction_done(self.step, self.train_seconds, self.cfg)
+
+    @property
+    def stopped_by_time(self) -> bool:
+        return self.fraction_done >= 1.0 and self.step < self.cfg.max_steps
+
+    @property
+    def eval_model(self) -> Transformer:
+        """The weights evaluation and checkpoints use: the EMA average when enabled."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def loss(self, model: torch.nn.Module, batch: Any, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-entropy of a batch (x, y), labels IGNORE left out, and the experts' auxiliary loss
+        (0 in a dense model)."""
+        x, y = batch
+        with self._autocast():
+            logits, auxes = model(x, return_aux=True)  # (B, T, V)
+        main = F.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, label_smoothing=smoothing
+        )
+        self.moe_monitor.update(auxes)
+        return main, sum((aux.loss for aux in auxes), torch.zeros((), device=main.device))
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns the mean main and auxiliary losses and the gradient norm before clipping."""
+        set_lr(self.optimizer, lr_at(self.step, self.cfg, self.fraction_done))
+        main_total = aux_total = 0.0
+        for _ in range(self.cfg.grad_accum):
+            main, aux = self.loss(self.forward, self.loader.next_batch(), self.cfg.label_smoothing)
+            ((main + aux) / self.cfg.grad_accum).backward()
+            main_total, aux_total = main_total + main.item(), aux_total + aux.item()
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.balance_step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.step += 1
+        return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, float(grad_norm)
+
+    def timed_step(self) -> tuple[float, float, float]:
+        """train_step, adding its duration to train_seconds."""
+        begin = self.clock()
+        result = self.train_step()
+        self.train_seconds += self.clock() - begin
+        return result
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (main loss only) and perplexity over validation_batches(), with the
+        expert-usage metrics of those batches."""
+        model = self.eval_model
+        was_training = model.training
+        model.eval()
+        train_window = self.moe_monitor
+        self.moe_monitor = MoEMonitor(train_window.layers)
+        losses = [self.loss(model, batch, 0.0)[0].item() for batch in self.validation_batches()]
+        model.train(was_training)
+        val_loss = sum(losses) / len(losses)
+        metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
+        metrics.update({f"val_{k}": v for k, v in self.moe_monitor.summary().items()})
+        self.moe_monitor = train_window
+        return metrics
+
+    def save(self) -> Path:
+        """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints."""
+        final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
+        with checkpoint_directory(final) as tmp:
+            self.save_model_files(tmp, self.eval_model)
+            extra = {}
+            if self.ema is not None:  # the model files hold the average; keep the raw weights to resume
+                extra = {f"raw.{k}": v for k, v in weights_of(self.model).items()}
+                extra["ema.n_averaged"] = self.ema.n_averaged
+            train_state.save_state(
+                tmp,
+                step=self.step,
+                train_seconds=self.train_seconds,
+                optimizer=self.optimizer,
+                loader_state=self.loader.state_dict(),
+                run_config=self.config_dict(),
+                extra_tensors=extra,
+            )
+        old = sorted((self.out_dir / "checkpoints").glob(f"{STEP_PREFIX}*"))[: -self.cfg.keep_checkpoints]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def resume(self) -> None:
+        """Restore the latest checkpoint of out_dir; with none, the run starts from step 0."""
+        directory = latest_checkpoint(self.out_dir)
+        if directory is None:
+            self.log(f"no checkpoint in {self.out_dir}: starting from step 0")
+            return
+        verify(directory)
+        meta, tensors = train_state.load_state(directory)
+        if self.ema is not None:
+            self.load_model_files(directory, self.ema.module)
+            self.ema.n_averaged.copy_(tensors["ema.n_averaged"])
+            raw = {k[len("raw.") :]: v for k, v in tensors.items() if k.startswith("raw.")}
+            self.model.load_state_dict(complete_weights(raw, self.model, f"{directory} (raw weights)"))
+        else:
+            self.load_model_files(directory, self.model)
+        train_state.restore_optimizer(self.optimizer, meta, tensors)
+        train_state.restore_rng(tensors)
+        self.loader.load_state_dict(meta["loader"])
+        self.step = meta["step"]
+        self.train_seconds = train_state.train_seconds(meta)
+        self.log(f"resumed from {directory} at step {self.step} ({self.train_seconds:.0f} s of training)")
+
+    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        metrics = self._open_metrics(resume)
+        self.log(self.describe())
+        bar = self._progress_bar(progress)
+        self.model.train()
+        start = self.clock()
+        try:
+            best = self._loop(metrics, bar, start)
+        except KeyboardInterrupt:
+            bar.write(f"interrupted: saving step {self.step}; continue with --resume")
+            self.save()
+            raise
+        finally:
+            bar.close()
+            metrics.close()
+        self.log(self._ending())
+        final = self.evaluate()
+        return {
+            "steps": self.step,
+            **final,
+            "best_val_loss": min(best, final["val_loss"]),
+            "wall_s": self.clock() - start,
+            "train_s": self.train_seconds,
+            "max_steps": self.cfg.max_steps,
+            "max_minutes": self.cfg.max_minutes,
+            "stopped_by": self._stopped_by(),
+            "checkpoint": str(latest_checkpoint(self.out_dir)),
+        }
+
+    def _open_metrics(self, resume: bool) -> MetricsLog:
+        """The run's metrics log, after restoring the latest checkpoint when resuming."""
+        metrics = MetricsLog(self.out_dir, self.cfg.loggers, self.config_dict(), notice=self.log)
+        if resume:
+            self.resume()
+            metrics.drop_after(self.step)
+        elif metrics.path.exists():
+            raise ConfigError(
+                f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
+            )
+        return metrics
+
+    def _loop(self, metrics: MetricsLog, bar: tqdm, start: float) -> float:
+        """Train until the run is done, logging, evaluating and saving on the way; returns the best validation loss."""
+        cfg = self.cfg
+        window_start, window_tokens, best = self.clock(), self.tokens_done(), math.inf
+        while self.fraction_done < 1.0:
+            main, aux, grad_norm = self.timed_step()
+            last = self.fraction_done >= 1.0
+            if self.step % cfg.log_interval == 0 or last:
+                now, tokens = self.clock(), self.tokens_done()
+                rate = (tokens - window_tokens) / (now - window_start)
+                metrics.write(self._train_record(main, aux, grad_norm, rate, now - start, last))
+                bar.set_postfix(loss=f"{main:.3f}", tok_s=f"{rate:,.0f}", step=self.step)
+                window_start, window_tokens = now, tokens
+            if self.step % cfg.eval_interval == 0 or last:
+                record = self._eval_record()
+                best = min(best, record["val_loss"])
+                metrics.write(record)
+                bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}")
+            if self.step % cfg.checkpoint_interval == 0 or last:
+                self.save()
+            self._advance(bar)
+        return best
+
+    def _progress_bar(self, enabled: bool) -> tqdm:
+        """Steps out of max_steps; with a time budget, the percentage of the run done, whose end
+        (and so the time left) is whichever of max_steps and the budget comes first."""
+        name = self.out_dir.name
+        if self.cfg.max_minutes is None:
+            return tqdm(total=self.cfg.max_steps, initial=self.step, disable=not enabled, desc=name, unit="step")
+        desc = f"{name} ({self.cfg.max_minutes:g} min or {self.cfg.max_steps} steps)"
+        return tqdm(total=100, initial=100 * self.fraction_done, disable=not enabled, desc=desc, bar_format=BUDGET_BAR)
+
+    def _advance(self, bar: tqdm) -> None:
+        bar.update(1 if self.cfg.max_minutes is None else 100 * self.fraction_done - bar.n)
+
+    def _stopped_by(self) -> str:
+        return "time_budget" if self.stopped_by_time else "max_steps"
+
+    def _ending(self) -> str:
+        cfg = self.cfg
+        if self.stopped_by_time:
+            return f"stopped by the time budget ({cfg.max_minutes:g} min) at step {self.step} of {cfg.max_steps}"
+        budget = "" if cfg.max_minutes is None else f" of the {cfg.max_minutes:g} min budget"
+        return f"reached max_steps {cfg.max_steps} after {self.train_seconds / 60:.1f} min of training{budget}"
+
+    def _train_record(
+        self, main: float, aux: float, grad_norm: float, rate: float, elapsed: float, last: bool
+    ) -> dict[str, Any]:
+        record = {
+            "step": self.step,
+            "loss": main + aux,
+            "loss/main": main,
+            "loss/aux": aux,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "tokens_per_s": rate,
+            "tokens": self.tokens_done(),
+            "elapsed_s": elapsed,
+            "train_s": self.train_seconds,
+            "fraction_done": self.fraction_done,
+            **self.moe_monitor.summary(),
+        }
+        if last:
+            record["stopped_by"] = self._stopped_by()
+        return record
+
+    def _eval_record(self) -> dict[str, Any]:
+        return {"step": self.step, **self.evaluate(), "tokens": self.tokens_done()}
