@@ -36,21 +36,22 @@ class Conversation:
 
 def read_conversations(path: str | Path) -> list[Conversation]:
     """Every conversation of a JSONL file, in file order."""
+    conversations = [Conversation(parse_line(line, where), where) for where, line in jsonl_lines(path, "data")]
+    if not conversations:
+        raise DataError(f"{path} holds no examples: expected one JSON object per line")
+    return conversations
+
+
+def jsonl_lines(path: str | Path, what: str) -> list[tuple[str, str]]:
+    """The non-blank lines of a UTF-8 file, each with where it is ("FILE, line N"); `what` names the file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"{what} file not found: {path}")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text: {err}") from err
-    conversations = [
-        Conversation(parse_line(line, f"{path}, line {number}"), f"{path}, line {number}")
-        for number, line in enumerate(lines, 1)
-        if line.strip()
-    ]
-    if not conversations:
-        raise DataError(f"{path} holds no examples: expected one JSON object per line")
-    return conversations
+    return [(f"{path}, line {number}", line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
 def parse_line(line: str, where: str) -> tuple[Message, ...]:
@@ -66,11 +67,11 @@ def parse_line(line: str, where: str) -> tuple[Message, ...]:
             raise DataError(f"{where}: give either 'messages' or 'prompt' and 'completion', not both")
         return check_messages(record["messages"], where)
     if "prompt" in record or "completion" in record:
-        return check_messages(_exchange(record, where), where)
+        return check_messages(exchange(record, where), where)
     raise DataError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' strings")
 
 
-def _exchange(record: dict[str, Any], where: str) -> list[Message]:
+def exchange(record: dict[str, Any], where: str) -> list[Message]:
     """A prompt/completion record as the messages it stands for: the user's prompt, the assistant's completion."""
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str):
