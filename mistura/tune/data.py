@@ -56,12 +56,7 @@ def jsonl_lines(path: str | Path, what: str) -> list[tuple[str, str]]:
 
 def parse_line(line: str, where: str) -> tuple[Message, ...]:
     """The checked messages of one JSONL line, in either format."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, where)
     if "messages" in record:
         if "prompt" in record or "completion" in record:
             raise DataError(f"{where}: give either 'messages' or 'prompt' and 'completion', not both")
@@ -69,6 +64,17 @@ def parse_line(line: str, where: str) -> tuple[Message, ...]:
     if "prompt" in record or "completion" in record:
         return check_messages(exchange(record, where), where)
     raise DataError(f"{where}: expected a 'messages' list or 'prompt' and 'completion' strings")
+
+
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line as the JSON object it must hold."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def exchange(record: dict[str, Any], where: str) -> list[Message]:

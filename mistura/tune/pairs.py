@@ -14,13 +14,11 @@ Any problem is a DataError naming the file and the line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mistura.errors import DataError
-from mistura.tune.data import Conversation, check_messages, exchange, jsonl_lines
+from mistura.tune.data import Conversation, exchange, json_object, jsonl_lines
 from mistura.tune.encode import Encoder, Example
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -38,10 +36,7 @@ class Pair:
     def conversations(self) -> tuple[Conversation, Conversation]:
         """The two conversations the pair compares: (prompt, chosen) and (prompt, rejected)."""
         return tuple(
-            Conversation(
-                check_messages(exchange({"prompt": self.prompt, "completion": reply}, self.where), self.where),
-                self.where,
-            )
+            Conversation(tuple(exchange({"prompt": self.prompt, "completion": reply}, self.where)), self.where)
             for reply in (self.chosen, self.rejected)
         )
 
@@ -56,12 +51,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
 
 def parse_pair(line: str, where: str) -> Pair:
     """The checked pair of one JSONL line."""
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from err
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    record = json_object(line, where)
     for key in FIELDS:
         value = record.get(key)
         if not isinstance(value, str) or not value.strip():
