@@ -180,11 +180,15 @@ def load_weights(directory: Path, model: Transformer) -> None:
 
 def read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:
     """Read a safetensors file and check its tensors against `model`'s, naming any mismatch."""
+    return complete_weights(read_tensors(path), model, str(path))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an unreadable one is a CheckpointError naming it."""
     try:
-        state = load_file(path)
+        return load_file(path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
-    return complete_weights(state, model, str(path))
 
 
 def complete_weights(state: dict[str, torch.Tensor], model: Transformer, where: str) -> dict[str, torch.Tensor]:

@@ -57,8 +57,13 @@ def load(path: str | Path, device: Device = None, dtype: torch.dtype | None = No
     (its rank files merged), a quantised checkpoint (see mistura.quant) or a LoRA adapter folder
     (the base it names, adapted; see mistura.lora), as a ready model in eval mode, on `device`
     and in `dtype` if given."""
-    directory = Path(path) if is_adapter(Path(path)) else resolve(path)  # an adapter folder has no config.json
+    directory = locate(path)
     return find_format(directory).load(directory, device, dtype)
+
+
+def locate(path: str | Path) -> Path:
+    """The folder `load` reads: an adapter folder as it is (it has no config.json), else `resolve(path)`."""
+    return Path(path) if is_adapter(Path(path)) else resolve(path)
 
 
 def find_format(directory: Path) -> Format:

@@ -59,3 +59,35 @@ def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
 def add_no_progress_option(parser: argparse.ArgumentParser, help: str = "no progress bars") -> None:
     """`--no-progress`: `args.no_progress` is true when the command should draw no progress bars."""
     parser.add_argument("--no-progress", action="store_true", help=help)
+
+
+def add_tuning_options(parser: argparse.ArgumentParser, data: str, example_config: str) -> None:
+    """The flags of a post-training run (finetune, reward-model, dpo, rl): base, data, method, config, resume."""
+    parser.add_argument("checkpoint", nargs="?", help="base checkpoint or run directory (default: base: of --config)")
+    parser.add_argument("--data", "--dados", metavar="FILE.jsonl", help=data)
+    parser.add_argument("--val", metavar="FILE.jsonl", help="held-out lines (default: data.val_fraction of --data)")
+    parser.add_argument("--method", "--metodo", help="full (default) or lora")
+    parser.add_argument("--config", metavar="RUN.yaml", help=f"the run's config, e.g. {example_config}")
+    parser.add_argument("--out", "--saida", help="the run's directory (train.out_dir)")
+    add_set_option(parser, "override a field, e.g. train.max_steps=100 or lora.rank=4")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    add_no_progress_option(parser, "no progress bar")
+
+
+def tuning_overrides(args: argparse.Namespace) -> dict:
+    """The config fields that the flags of add_tuning_options give, `--set` last (it wins)."""
+    from mistura.fields import merge, parse_overrides
+
+    flags = {
+        "base": args.checkpoint,
+        "method": args.method,
+        "data": {"train": args.data, "val": args.val},
+        "train": {"out_dir": args.out},
+    }
+    return merge(given(flags), parse_overrides(args.set))
+
+
+def given(flags: dict) -> dict:
+    """The flags that were given (not None), sections that end up empty left out."""
+    kept = {key: given(value) if isinstance(value, dict) else value for key, value in flags.items()}
+    return {key: value for key, value in kept.items() if value not in (None, {})}

@@ -7,21 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from mistura.cli.options import add_no_progress_option, add_set_option
+from mistura.cli.options import add_tuning_options, tuning_overrides
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `finetune`, `finetune-data` and `finetune-eval` to the subcommands."""
     p = sub.add_parser("finetune", help="supervised fine-tuning on JSONL conversations, in full or with LoRA")
-    p.add_argument("checkpoint", nargs="?", help="base checkpoint or run directory (default: base: of --config)")
-    p.add_argument("--data", "--dados", metavar="FILE.jsonl", help='{"messages": [...]} or {"prompt", "completion"}')
-    p.add_argument("--val", metavar="FILE.jsonl", help="held-out conversations (default: data.val_fraction of --data)")
-    p.add_argument("--method", "--metodo", help="full (default) or lora")
-    p.add_argument("--config", metavar="FT.yaml", help="a fine-tuning config, e.g. configs/finetune/machado-obras.yaml")
-    p.add_argument("--out", "--saida", help="the run's directory (train.out_dir)")
-    add_set_option(p, "override a field, e.g. train.max_steps=100 or lora.rank=4")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    add_no_progress_option(p, "no progress bar")
+    add_tuning_options(p, '{"messages": [...]} or {"prompt", "completion"}', "configs/finetune/machado-obras.yaml")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("finetune-data", help="write a fine-tuning task set made from the embedded corpus")
@@ -38,28 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from mistura.fields import merge, parse_overrides
     from mistura.tune.config import FinetuneConfig
     from mistura.tune.sft import FineTuner
 
-    flags = {
-        "base": args.checkpoint,
-        "method": args.method,
-        "data": {"train": args.data, "val": args.val},
-        "train": {"out_dir": args.out},
-    }
-    run = FinetuneConfig.from_yaml(args.config, merge(given(flags), parse_overrides(args.set)))
+    run = FinetuneConfig.from_yaml(args.config, tuning_overrides(args))
     summary = FineTuner(run).fit(resume=args.resume, progress=not args.no_progress)
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss of the assistant's tokens "
         f"{summary['val_loss']:.3f} | checkpoint {summary['checkpoint']}"
     )
-
-
-def given(flags: dict) -> dict:
-    """The flags that were given (not None), sections that end up empty left out."""
-    kept = {key: given(value) if isinstance(value, dict) else value for key, value in flags.items()}
-    return {key: value for key, value in kept.items() if value not in (None, {})}
 
 
 def cmd_finetune_data(args: argparse.Namespace) -> None:

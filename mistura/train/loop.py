@@ -24,6 +24,13 @@ mistura.tune.sft.FineTuner fine-tunes):
     validation_batches()           the batches evaluate() averages the loss over, the same each time
     save_model_files(dir, model)   the model's files in a checkpoint; load_model_files reads them back
     tokens_done(), config_dict(), describe()
+
+and may change what a step logs and what evaluation watches:
+
+    extra_metrics()                more fields of each training record (the step's own statistics)
+    monitor, monitor_mode          the evaluation field whose best the run reports, "val_loss" and
+                                   "min" by default (a reinforcement-learning run watches its reward)
+    eval_message(record)           the line an evaluation prints
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class TrainLoop(ABC):
     loader: Batches
+    monitor, monitor_mode = "val_loss", "min"
 
     def __init__(self, cfg: TrainConfig, log=print, clock: Callable[[], float] = time.perf_counter):
         self.cfg, self.log, self.clock = cfg, log, clock
@@ -132,6 +140,18 @@ class TrainLoop(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line saying what the run trains, where and for how long."""
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Fields a subclass adds to every training record: none by default."""
+        return {}
+
+    def eval_message(self, record: dict[str, Any]) -> str:
+        """What an evaluation prints: by default the validation loss and perplexity."""
+        return f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}"
+
+    def better(self, value: float, best: float) -> bool:
+        """Whether `value` of the monitored field improves on `best` (see monitor_mode)."""
+        return value < best if self.monitor_mode == "min" else value > best
 
     def load_model_files(self, directory: Path, model: Transformer) -> None:
         """Read the weights `save_model_files` wrote into `model`: by default a native model.safetensors."""
@@ -275,7 +295,7 @@ class TrainLoop(ABC):
         return {
             "steps": self.step,
             **final,
-            "best_val_loss": min(best, final["val_loss"]),
+            f"best_{self.monitor}": final[self.monitor] if self.better(final[self.monitor], best) else best,
             "wall_s": self.clock() - start,
             "train_s": self.train_seconds,
             "max_steps": self.cfg.max_steps,
@@ -297,9 +317,10 @@ class TrainLoop(ABC):
         return metrics
 
     def _loop(self, metrics: MetricsLog, bar: tqdm, start: float) -> float:
-        """Train until the run is done, logging, evaluating and saving on the way; returns the best validation loss."""
+        """Train until the run is done, logging, evaluating and saving on the way; returns the best monitored value."""
         cfg = self.cfg
-        window_start, window_tokens, best = self.clock(), self.tokens_done(), math.inf
+        window_start, window_tokens = self.clock(), self.tokens_done()
+        best = math.inf if self.monitor_mode == "min" else -math.inf
         while self.fraction_done < 1.0:
             main, aux, grad_norm = self.timed_step()
             last = self.fraction_done >= 1.0
@@ -311,9 +332,10 @@ class TrainLoop(ABC):
                 window_start, window_tokens = now, tokens
             if self.step % cfg.eval_interval == 0 or last:
                 record = self._eval_record()
-                best = min(best, record["val_loss"])
+                if self.better(record[self.monitor], best):
+                    best = record[self.monitor]
                 metrics.write(record)
-                bar.write(f"step {self.step}: val loss {record['val_loss']:.4f}, perplexity {record['val_ppl']:.1f}")
+                bar.write(self.eval_message(record))
             if self.step % cfg.checkpoint_interval == 0 or last:
                 self.save()
             self._advance(bar)
@@ -357,6 +379,7 @@ class TrainLoop(ABC):
             "train_s": self.train_seconds,
             "fraction_done": self.fraction_done,
             **self.moe_monitor.summary(),
+            **self.extra_metrics(),
         }
         if last:
             record["stopped_by"] = self._stopped_by()

@@ -8,15 +8,36 @@ The reward is read at the last real token, which under causal attention has seen
 sequence; rows are right-padded (real tokens first, then padding, mask 1 then 0), so padding
 comes after every real token and never changes its state. As in InstructGPT (Ouyang et al. 2022)
 and TRL's reward models (AutoModelForSequenceClassification, the score at the last non-pad token).
+
+A reward-model checkpoint is the backbone's checkpoint (so `mistura.load` reads it as a language
+model) with the head beside it in reward_head.safetensors: `save_reward_model` writes one,
+`load_reward_model` reads it back, and `score_texts` rates replies as the model was trained,
+each (prompt, reply) formatted as a conversation by the chat template.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 from torch import nn
 
+from mistura.checkpoint import WEIGHTS_METADATA, check_state, checkpoint_directory, read_tensors, write_model
+from mistura.config import ModelConfig
+from mistura.errors import CheckpointError, DataError
+from mistura.infer.chat import ChatTemplate
+from mistura.loading import load, locate
 from mistura.model import Transformer
+from mistura.train.loop import IGNORE
+from mistura.tune.batches import collate
+from mistura.tune.data import Conversation, exchange
+from mistura.tune.encode import Encoder
 from mistura.tune.masked import last_index
+
+HEAD_FILE = "reward_head.safetensors"
 
 
 class ValueHead(nn.Module):
@@ -40,6 +61,22 @@ class RewardModel(nn.Module):
         self.backbone = backbone
         self.head = ValueHead(backbone.config.d_model, backbone.config.init_std)
 
+    @property
+    def config(self) -> ModelConfig:
+        return self.backbone.config
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.backbone.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        self.backbone.activation_checkpointing = enabled
+
+    def balance_step(self) -> None:
+        """The backbone's expert-bias update after an optimizer step (see Transformer.balance_step)."""
+        self.backbone.balance_step()
+
     def values(self, idx: torch.Tensor) -> torch.Tensor:
         """The head's scalar at every position (B, T) of token ids idx (B, T): a PPO critic's V(s_t)."""
         return self.head(self.backbone.hidden_states(idx))
@@ -49,3 +86,79 @@ class RewardModel(nn.Module):
         scores = self.values(idx)  # (B, T)
         rows = torch.arange(idx.size(0), device=idx.device)
         return scores[rows, last_index(mask)]
+
+
+def write_reward_model(directory: Path, model: RewardModel, tokenizer_file: Path | None) -> None:
+    """The backbone's checkpoint files and the head's reward_head.safetensors, into `directory`."""
+    write_model(directory, model.backbone, tokenizer_file)
+    write_head(directory, model)
+
+
+def write_head(directory: Path, model: RewardModel) -> None:
+    """The head alone, reward_head.safetensors, beside backbone files written otherwise (LoRA adapters, say)."""
+    head = {name: tensor.detach().contiguous().cpu() for name, tensor in model.head.state_dict().items()}
+    save_file(head, directory / HEAD_FILE, metadata=WEIGHTS_METADATA)
+
+
+def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_file: Path | None = None) -> Path:
+    """Save a reward model as a checkpoint directory, atomically (see the module docstring)."""
+    directory = Path(directory)
+    with checkpoint_directory(directory) as tmp:
+        write_reward_model(tmp, model, tokenizer_file)
+    return directory
+
+
+def read_head(directory: Path, model: RewardModel) -> None:
+    """Load reward_head.safetensors of `directory` into `model.head`, names and shapes checked."""
+    path = directory / HEAD_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {HEAD_FILE}: not a reward model (mistura reward-model trains one)")
+    state = read_tensors(path)
+    check_state(state, model.head.state_dict(), str(path))
+    model.head.load_state_dict(state)
+
+
+def load_reward_model(path: str | Path, device: torch.device | str | None = None) -> RewardModel:
+    """A reward-model checkpoint (or a reward-model run's latest checkpoint), verified, in eval mode."""
+    directory = locate(path)
+    model = RewardModel(load(directory))
+    read_head(directory, model)
+    return model.to(device).eval()
+
+
+def reply_rewards(model: RewardModel, ids: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Each row's reward (B,) for unshifted ids and labels (B, T): the score at the reply's last token, the last
+    position whose label is not IGNORE. kwargs go to hidden_states (return_aux=True gives (rewards, auxes))."""
+    out = model.backbone.hidden_states(ids, **kwargs)
+    hidden, auxes = out if kwargs.get("return_aux") else (out, None)
+    scores = model.head(hidden)  # (B, T)
+    rewards = scores[torch.arange(ids.size(0), device=ids.device), last_index(labels != IGNORE)]
+    return (rewards, auxes) if auxes is not None else rewards
+
+
+@torch.no_grad()
+def score_texts(
+    model: RewardModel,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """The reward (B,) of each reply to its prompt, the pair formatted as a user and an assistant message and
+    scored where training scored it, at the reply's last token."""
+    if len(prompts) != len(completions):
+        raise DataError(f"{len(prompts)} prompts for {len(completions)} replies: give one prompt per reply")
+    encoder = Encoder(tokenizer, template, model.config.max_seq_len)
+    examples = [
+        encoder.encode(Conversation(tuple(exchange({"prompt": prompt, "completion": reply}, where)), where))
+        for where, prompt, reply in zip(
+            (f"reply {i}" for i in range(1, len(prompts) + 1)), prompts, completions, strict=False
+        )
+    ]
+    device = model.head.proj.weight.device
+    rewards = [
+        reply_rewards(model, *collate(examples[start : start + batch_size], device, shift=False))
+        for start in range(0, len(examples), batch_size)
+    ]
+    return torch.cat(rewards).float().cpu() if rewards else torch.zeros(0)

@@ -9,7 +9,9 @@ that `mistura.load` and `mistura chat` take the result as they take the base.
 
 A run's config (mistura.tune.config.FinetuneConfig, and the preference and RL configs) has the
 fields `base`, `method`, `lora` and `train`. A subclass builds its data, then trains the model
-`self.load_base()` returns through `self.train_model(model)`.
+`self.load_base()` returns through `self.train_model(model)`; a model with a head of its own
+(a reward model, a policy with a value head) adapts its backbone with `self.adapt(backbone)` and
+hands the whole model to `self.use_model`.
 """
 
 from __future__ import annotations
@@ -59,11 +61,15 @@ class TunedLoop(TrainLoop):
 
     def train_model(self, model: Transformer) -> None:
         """Seed, add the adapters when method is lora, and train `model` (TrainLoop.use_model)."""
+        self.adapt(model)
+        self.use_model(model)
+
+    def adapt(self, model: Transformer) -> None:
+        """Seed, and add the adapters to `model` when method is lora (freezing the rest of it)."""
         torch.manual_seed(self.cfg.seed)
         if self.run.method == "lora":
             apply_lora(model, self.run.lora)
             self.log(f"LoRA adapters: training {trainable_share(model)} parameters")
-        self.use_model(model)
 
     def save_model_files(self, directory: Path, model: Transformer) -> None:
         """The trained model (or with lora its adapters), the base's tokenizer and the chat template trained with."""

@@ -25,6 +25,14 @@ TOY = [
     {"messages": [{"role": "user", "content": "Quem escreveu?"}, {"role": "assistant", "content": "Machado"}]},
 ]
 
+# The chosen replies are sentences, the rejected ones the same words reversed: what a tiny model tells apart.
+PAIRS = [
+    {"prompt": "Quem tinha olhos de cigana?", "chosen": "Capitu tinha olhos.", "rejected": "olhos tinha Capitu."},
+    {"prompt": "Quem escreveu Dom Casmurro?", "chosen": "Machado de Assis.", "rejected": "Assis de Machado."},
+    {"prompt": "Como era a cidade?", "chosen": "A cidade era outra.", "rejected": "outra era cidade A."},
+    {"prompt": "E o amor?", "chosen": "O amor é uma planta.", "rejected": "planta uma é amor O."},
+]
+
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory) -> Path:
@@ -62,3 +70,9 @@ def jsonl(tmp_path):
 def toy(jsonl) -> Path:
     """The toy task (TOY) as a JSONL file, in both formats."""
     return jsonl("toy.jsonl", TOY)
+
+
+@pytest.fixture
+def pairs(jsonl) -> Path:
+    """The preference pairs (PAIRS) as a JSONL file."""
+    return jsonl("pairs.jsonl", PAIRS)

@@ -4,7 +4,7 @@ import torch
 from mistura.data.tokenizer import PAD_ID
 from mistura.errors import CheckpointError
 from mistura.train.loop import IGNORE
-from mistura.tune.batches import ExampleBatches, collate, fixed_batches
+from mistura.tune.batches import ExampleBatches, PairBatches, collate, collate_pairs, fixed_batches
 from mistura.tune.encode import Example
 
 N = IGNORE  # a label not learnt
@@ -62,3 +62,17 @@ def test_validation_batches_are_the_first_examples_in_order():
     batches = list(fixed_batches(examples, batch_size=2, limit=2, device="cpu"))
     assert [x[:, 1].tolist() for x, _ in batches] == [[10, 11], [12, 13]]
     assert len(list(fixed_batches(examples, batch_size=2, limit=20, device="cpu"))) == 3
+
+
+def test_unshifted_batches_keep_each_example_whole_with_its_labels_in_place():
+    x, y = collate([example([1, 5, 6, 7, 2], 3), example([1, 8, 2], 1)], shift=False)
+    assert x.tolist() == [[1, 5, 6, 7, 2], [1, 8, 2, PAD_ID, PAD_ID]]
+    assert y.tolist() == [[N, N, N, 7, 2], [N, 8, 2, N, N]]
+
+
+def test_a_pair_batch_is_its_chosen_rows_then_its_rejected_rows():
+    a, b = example([1, 5, 6, 7, 2], 3), example([1, 8, 2], 1)
+    x, y = collate_pairs([(a, b), (b, a)])
+    assert torch.equal(x, collate([a, b, b, a])[0]) and torch.equal(y, collate([a, b, b, a])[1])
+    batches = PairBatches([(a, b)], batch_size=1, seed=0)
+    assert batches.next_batch()[0].shape[0] == 2 and batches.tokens_drawn == 4 + 2

@@ -1,0 +1,53 @@
+"""Alignment: `mistura reward-model` trains a reward model on preference pairs, `mistura dpo` tunes a
+checkpoint on them directly (DPO, IPO or SimPO), and `mistura rl` tunes it by reinforcement learning
+(PPO or GRPO) on prompts and a reward: a reward model, a Python function or a critic checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mistura.cli.options import add_tuning_options, tuning_overrides
+
+PAIRS = '{"prompt", "chosen", "rejected"} pairs (mistura finetune-data machado-pares writes some)'
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `reward-model`, `dpo` and `rl` to the subcommands."""
+    p = sub.add_parser("reward-model", help="train a reward model (a scalar head) on preference pairs")
+    add_tuning_options(p, PAIRS, "configs/preference/reward-model.yaml")
+    p.set_defaults(func=cmd_reward_model)
+
+    p = sub.add_parser("dpo", help="tune a checkpoint on preference pairs: DPO, IPO or SimPO")
+    add_tuning_options(p, PAIRS, "configs/preference/dpo.yaml")
+    p.add_argument("--loss", choices=("sigmoid", "ipo", "simpo"), help="dpo.loss (default: sigmoid, DPO's)")
+    p.add_argument("--beta", type=float, help="dpo.beta (default: 0.1)")
+    p.set_defaults(func=cmd_dpo)
+
+
+def cmd_reward_model(args: argparse.Namespace) -> None:
+    from mistura.tune.config import RewardModelConfig
+    from mistura.tune.preference import RewardModelTrainer
+
+    run = RewardModelConfig.from_yaml(args.config, tuning_overrides(args))
+    summary = RewardModelTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    print(
+        f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out pairs ranked right "
+        f"{summary['val_accuracy']:.1%} (loss {summary['val_loss']:.3f}) | reward model {summary['checkpoint']}"
+    )
+    print(f"use it as a reward with: mistura rl CKPT --data PROMPTS.jsonl --reward model:{summary['checkpoint']}")
+
+
+def cmd_dpo(args: argparse.Namespace) -> None:
+    from mistura.fields import merge
+    from mistura.tune.config import DPOConfig
+    from mistura.tune.preference import DPOTrainer
+
+    flags = {key: value for key, value in (("loss", args.loss), ("beta", args.beta)) if value is not None}
+    run = DPOConfig.from_yaml(args.config, merge({"dpo": flags} if flags else {}, tuning_overrides(args)))
+    summary = DPOTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    print(
+        f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out pairs preferred "
+        f"{summary['val_rewards/accuracies']:.1%}, reward margin {summary['val_rewards/margins']:.3f} | "
+        f"checkpoint {summary['checkpoint']}"
+    )
