@@ -6,7 +6,7 @@ An RL trainer builds a reward once, `reward = load_reward(spec)`, and scores eac
     ends_sentence          1 if the reply ends a sentence (. ! ? or …, closing quotes or brackets allowed), else 0
     contains:WORD          1 if the reply holds WORD as a whole word, case-insensitive, else 0
     length:MIN-MAX         1 if the reply's word count n is in [MIN, MAX]; outside, exp(-3 d / bound), d the
-                           distance to the bound missed: half the range's length short or over gives 0.22
+                           distance to the bound missed: 0.22 for half the bound short or over (d = bound / 2)
     no_repeat              the share of distinct words among the reply's words (0 for an empty reply)
     module:function        a function of yours, called as TRL calls one:
                            function(prompts=..., completions=..., **columns) -> a number per reply;
@@ -27,6 +27,7 @@ import importlib.util
 import math
 import numbers
 import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,13 +86,18 @@ def checked(result: Any, size: int, name: str) -> torch.Tensor:
         raise DataError(f"the reward {name} returned a {type(result).__name__}, not a sequence of numbers")
     if len(result) != size:
         raise DataError(f"the reward {name} returned {len(result)} values for {size} replies")
+    values = []
     for index, value in enumerate(result):
         if not isinstance(value, numbers.Real):
             raise DataError(f"the reward {name} gave {value!r} for reply {index}, not a real number")
-    rewards = torch.tensor([float(value) for value in result], dtype=torch.float32)
+        try:
+            values.append(float(value))
+        except OverflowError:  # an int beyond any float, 10**400 say
+            values.append(math.inf)
+    rewards = torch.tensor(values, dtype=torch.float32)
     bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
     if bad:  # float32 checked: 1e300 is finite for Python but inf here
-        raise DataError(f"the reward {name} gave {result[bad[0]]} for reply {bad[0]}: rewards must be finite")
+        raise DataError(f"the reward {name} gave {values[bad[0]]} for reply {bad[0]}: rewards must be finite")
     return rewards
 
 
@@ -201,9 +207,15 @@ def import_file(path: str) -> Any:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no file {file}")
-    module_spec = importlib.util.spec_from_file_location(f"mistura_reward_{file.stem}", file)
+    name = f"mistura_reward_{file.stem}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    sys.modules[name] = module  # as an import does: dataclasses and pickle look their module up there
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 
@@ -249,7 +261,9 @@ class CriticReward(Reward):
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str], **columns: list) -> torch.Tensor:
         rows = [self.encode(prompt, reply) for prompt, reply in zip(prompts, completions, strict=True)]
-        chunks = [self.answer_logits(rows[start : start + self.batch_size]) for start in range(0, len(rows), 8)]
+        chunks = [
+            self.answer_logits(rows[start : start + self.batch_size]) for start in range(0, len(rows), self.batch_size)
+        ]
         logits = torch.cat(chunks) if chunks else torch.zeros(0, self.model.config.vocab_size)  # (B, V)
         return yes_probability(logits, self.yes_ids, self.no_ids).cpu()
 
