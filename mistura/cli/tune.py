@@ -16,8 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_tuning_options(p, '{"messages": [...]} or {"prompt", "completion"}', "configs/finetune/machado-obras.yaml")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("finetune-data", help="write a fine-tuning task set made from the embedded corpus")
-    p.add_argument("task", help="machado-obras: which of five works a passage comes from")
+    p = sub.add_parser("finetune-data", help="write a fine-tuning or preference task set made from the embedded corpus")
+    p.add_argument(
+        "task",
+        help="machado-obras: which of five works a passage comes from (conversations); machado-pares: a passage's "
+        "true continuation preferred to its words shuffled ({prompt, chosen, rejected} pairs)",
+    )
     p.add_argument("out", nargs="?", help="a new folder for train.jsonl and test.jsonl (default: data/TASK)")
     p.add_argument("--seed", type=int, default=1337, help="the shuffle and held-out split (default: 1337)")
     p.set_defaults(func=cmd_finetune_data)
@@ -47,7 +51,11 @@ def cmd_finetune_data(args: argparse.Namespace) -> None:
     out = args.out or f"data/{args.task}"
     counts = write_task(args.task, out, seed=args.seed)
     print(f"{counts['train']} training and {counts['test']} held-out examples written to {out}")
-    print(f"fine-tune on them with: mistura finetune CKPT --data {out}/train.jsonl")
+    if args.task == "machado-pares":
+        print(f"train a reward model on them with: mistura reward-model CKPT --data {out}/train.jsonl")
+        print(f"or tune a checkpoint on them directly: mistura dpo CKPT --data {out}/train.jsonl")
+    else:
+        print(f"fine-tune on them with: mistura finetune CKPT --data {out}/train.jsonl")
 
 
 def cmd_finetune_eval(args: argparse.Namespace) -> None:
