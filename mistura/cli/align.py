@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from mistura.cli.options import add_tuning_options, tuning_overrides
+from mistura.cli.options import add_tuning_options, given, tuning_overrides
 
+PROMPTS = '{"prompt": ...} lines, other keys handed to the reward (a pairs file works too)'
+REWARD = (
+    "rl.reward: ends_sentence, contains:WORD, length:MIN-MAX, no_repeat, module:function (a .py file's path "
+    "or an importable module), model:PATH (a reward model) or critic:PATH (RLAIF: a model asked yes or no)"
+)
 PAIRS = '{"prompt", "chosen", "rejected"} pairs (mistura finetune-data machado-pares writes some)'
 
 
@@ -23,6 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("sigmoid", "ipo", "simpo"), help="dpo.loss (default: sigmoid, DPO's)")
     p.add_argument("--beta", type=float, help="dpo.beta (default: 0.1)")
     p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("rl", help="tune a checkpoint by reinforcement learning on prompts and a reward: PPO or GRPO")
+    add_tuning_options(p, PROMPTS, "configs/rl/ppo-capitu.yaml")
+    p.add_argument("--algorithm", "--algoritmo", choices=("ppo", "grpo"), help="rl.algorithm (default: ppo)")
+    p.add_argument("--reward", "--recompensa", metavar="SPEC", help=REWARD)
+    p.set_defaults(func=cmd_rl)
 
 
 def cmd_reward_model(args: argparse.Namespace) -> None:
@@ -43,11 +54,27 @@ def cmd_dpo(args: argparse.Namespace) -> None:
     from mistura.tune.config import DPOConfig
     from mistura.tune.preference import DPOTrainer
 
-    flags = {key: value for key, value in (("loss", args.loss), ("beta", args.beta)) if value is not None}
-    run = DPOConfig.from_yaml(args.config, merge({"dpo": flags} if flags else {}, tuning_overrides(args)))
+    flags = given({"dpo": {"loss": args.loss, "beta": args.beta}})
+    run = DPOConfig.from_yaml(args.config, merge(flags, tuning_overrides(args)))
     summary = DPOTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out pairs preferred "
         f"{summary['val_rewards/accuracies']:.1%}, reward margin {summary['val_rewards/margins']:.3f} | "
         f"checkpoint {summary['checkpoint']}"
     )
+
+
+def cmd_rl(args: argparse.Namespace) -> None:
+    from mistura.fields import merge
+    from mistura.tune.config import RLConfig
+    from mistura.tune.rl import RLTrainer
+
+    flags = given({"rl": {"algorithm": args.algorithm, "reward": args.reward}})
+    run = RLConfig.from_yaml(args.config, merge(flags, tuning_overrides(args)))
+    summary = RLTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    print(
+        f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out reward {summary['val_reward']:.3f} "
+        f"(best {summary['best_val_reward']:.3f}), KL to the base {summary['val_kl']:.2f} nats per reply | "
+        f"checkpoint {summary['checkpoint']}"
+    )
+    print(f"reward against KL: {summary['plot']}")

@@ -110,11 +110,14 @@ class Transformer(nn.Module):
         With return_aux, also the MoEAux of every expert layer (auxiliary losses, load, statistics).
         """
         x, auxes = self.hidden_states(idx, cache, return_aux=True)
-        logits = self.lm_head(x)  # (B, T, V)
-        cap = self.config.logit_softcap
-        if cap is not None:
-            logits = cap * torch.tanh(logits / cap)
+        logits = self.logits(x)
         return (logits, auxes) if return_aux else logits
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of final hidden states (B, T, D): the lm_head, soft-capped when the config says."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def hidden_states(
         self, idx: torch.Tensor, cache: Cache | None = None, return_aux: bool = False

@@ -28,8 +28,10 @@ mistura.tune.sft.FineTuner fine-tunes):
 and may change what a step logs and what evaluation watches:
 
     extra_metrics()                more fields of each training record (the step's own statistics)
+    extra_state(), load_extra_state(state)   more of the run's state in each checkpoint (JSON values)
     monitor, monitor_mode          the evaluation field whose best the run reports, "val_loss" and
                                    "min" by default (a reinforcement-learning run watches its reward)
+    eval_at_start                  evaluate once before the first step too (a run that starts fresh)
     eval_message(record)           the line an evaluation prints
 """
 
@@ -99,6 +101,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class TrainLoop(ABC):
     loader: Batches
     monitor, monitor_mode = "val_loss", "min"
+    eval_at_start = False
 
     def __init__(self, cfg: TrainConfig, log=print, clock: Callable[[], float] = time.perf_counter):
         self.cfg, self.log, self.clock = cfg, log, clock
@@ -153,6 +156,14 @@ class TrainLoop(ABC):
         """Whether `value` of the monitored field improves on `best` (see monitor_mode)."""
         return value < best if self.monitor_mode == "min" else value > best
 
+    def extra_state(self) -> dict[str, Any]:
+        """What a subclass keeps in a checkpoint beyond weights, optimizer, RNG and data position (JSON values)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved: by default there is nothing to restore."""
+        return None
+
     def load_model_files(self, directory: Path, model: Transformer) -> None:
         """Read the weights `save_model_files` wrote into `model`: by default a native model.safetensors."""
         model.load_state_dict(read_weights(directory / "model.safetensors", model))
@@ -196,6 +207,12 @@ class TrainLoop(ABC):
             main, aux = self.loss(self.forward, self.loader.next_batch(), self.cfg.label_smoothing)
             ((main + aux) / self.cfg.grad_accum).backward()
             main_total, aux_total = main_total + main.item(), aux_total + aux.item()
+        grad_norm = self.optimizer_step()
+        self.step += 1
+        return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, grad_norm
+
+    def optimizer_step(self) -> float:
+        """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
@@ -203,8 +220,7 @@ class TrainLoop(ABC):
         self.model.balance_step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        self.step += 1
-        return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, float(grad_norm)
+        return float(grad_norm)
 
     def timed_step(self) -> tuple[float, float, float]:
         """train_step, adding its duration to train_seconds."""
@@ -247,6 +263,7 @@ class TrainLoop(ABC):
                 loader_state=self.loader.state_dict(),
                 run_config=self.config_dict(),
                 extra_tensors=extra,
+                extra_state=self.extra_state(),
             )
         old = sorted((self.out_dir / "checkpoints").glob(f"{STEP_PREFIX}*"))[: -self.cfg.keep_checkpoints]
         for path in old:
@@ -271,6 +288,7 @@ class TrainLoop(ABC):
         train_state.restore_optimizer(self.optimizer, meta, tensors)
         train_state.restore_rng(tensors)
         self.loader.load_state_dict(meta["loader"])
+        self.load_extra_state(meta.get("extra", {}))
         self.step = meta["step"]
         self.train_seconds = train_state.train_seconds(meta)
         self.log(f"resumed from {directory} at step {self.step} ({self.train_seconds:.0f} s of training)")
@@ -321,6 +339,8 @@ class TrainLoop(ABC):
         cfg = self.cfg
         window_start, window_tokens = self.clock(), self.tokens_done()
         best = math.inf if self.monitor_mode == "min" else -math.inf
+        if self.eval_at_start and self.step == 0:
+            self._evaluation(metrics, bar)  # the starting point, not a result of the run
         while self.fraction_done < 1.0:
             main, aux, grad_norm = self.timed_step()
             last = self.fraction_done >= 1.0
@@ -331,11 +351,8 @@ class TrainLoop(ABC):
                 bar.set_postfix(loss=f"{main:.3f}", tok_s=f"{rate:,.0f}", step=self.step)
                 window_start, window_tokens = now, tokens
             if self.step % cfg.eval_interval == 0 or last:
-                record = self._eval_record()
-                if self.better(record[self.monitor], best):
-                    best = record[self.monitor]
-                metrics.write(record)
-                bar.write(self.eval_message(record))
+                value = self._evaluation(metrics, bar)
+                best = value if self.better(value, best) else best
             if self.step % cfg.checkpoint_interval == 0 or last:
                 self.save()
             self._advance(bar)
@@ -384,6 +401,13 @@ class TrainLoop(ABC):
         if last:
             record["stopped_by"] = self._stopped_by()
         return record
+
+    def _evaluation(self, metrics: MetricsLog, bar: tqdm) -> float:
+        """Evaluate, log and print the record; returns its monitored value."""
+        record = self._eval_record()
+        metrics.write(record)
+        bar.write(self.eval_message(record))
+        return record[self.monitor]
 
     def _eval_record(self) -> dict[str, Any]:
         return {"step": self.step, **self.evaluate(), "tokens": self.tokens_done()}

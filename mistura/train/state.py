@@ -36,8 +36,10 @@ def save_state(
     loader_state: dict[str, Any],
     run_config: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> None:
-    """Write the training state into `directory` (tensors: optimizer.*, rng.*, and `extra_tensors` as given)."""
+    """Write the training state into `directory` (tensors: optimizer.*, rng.*, and `extra_tensors` as given;
+    `extra_state`, JSON values, under "extra")."""
     opt = optimizer.state_dict()
     tensors = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -58,6 +60,7 @@ def save_state(
         "loader": loader_state,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
         "run_config": run_config,
+        "extra": extra_state or {},
     }
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
 

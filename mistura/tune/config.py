@@ -14,7 +14,7 @@ section of their own, `mistura reward-model`, `mistura dpo` and `mistura rl`).
 Every section is validated as `mistura train`'s are: an unknown key or a wrong type is an
 error that names it; `--set section.key=value` overrides any field. TunedConfig holds the
 sections every run has; a subclass adds its own (RewardModelConfig's `reward`, DPOConfig's
-`dpo`, mistura.tune.rl_config.RLConfig's `rl`) and its train defaults.
+`dpo`, RLConfig's `rl`) and its train defaults.
 """
 
 from __future__ import annotations
@@ -141,3 +141,91 @@ class DPOConfig(TunedConfig):
 
     command: ClassVar[str] = "dpo"
     train_defaults: ClassVar[dict[str, Any]] = FINETUNE_DEFAULTS | {"out_dir": "runs/dpo", "lr": 5e-5}
+
+
+@dataclass
+class RLSettings:
+    """Reinforcement learning on prompts and a reward (mistura.tune.rl): PPO or GRPO, with their coefficients.
+
+    Every step samples group_size replies to each of train.batch_size prompts with the policy (the
+    batched engine and its KV cache), scores them with the reward, and makes epochs passes over them in
+    mini_batches optimizer steps. TRL's names where they differ: group_size is num_generations,
+    kl_coef is PPO's kl_coef and GRPO's beta, clip is cliprange / epsilon, clip_high is epsilon_high.
+    """
+
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    reward: str | None = None  # a reward spec of mistura.tune.rewards, e.g. ends_sentence or model:runs/rm
+    group_size: int = 4  # replies sampled per prompt: GRPO compares them, PPO learns from each
+    max_new_tokens: int = 32  # per reply; a reply that has not ended by then is cut there
+    temperature: float = 1.0  # of the sampling, and of the log-probs the losses read (as TRL)
+    epochs: int = 1  # passes over each step's replies (PPO's K epochs)
+    mini_batches: int = 1  # optimizer steps per pass, over a shuffled split of the replies
+    clip: float = 0.2  # the probability ratio's clip range (PPO's epsilon; GRPO's lower one)
+    clip_high: float | None = None  # GRPO's upper clip range (DAPO's clip-higher); None: clip
+    kl_coef: float = 0.05  # PPO: the KL penalty in the reward; GRPO: beta, the KL term of the loss
+    kl_target: float | None = None  # PPO: steer kl_coef so the KL per reply nears this many nats (adaptive)
+    kl_horizon: int = 10000  # PPO: the adaptive controller's horizon, in replies
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # PPO: the per-token KL of the reward's penalty
+    gamma: float = 1.0  # PPO: GAE's discount
+    lam: float = 0.95  # PPO: GAE's lambda
+    vf_coef: float = 0.1  # PPO: the value loss's weight
+    value_clip: float | None = 0.2  # PPO: the value update's clip range; None: unclipped
+    entropy_coef: float = 0.0  # PPO: the entropy bonus's weight
+    loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"  # GRPO: how the per-token loss is averaged
+    scale_rewards: bool = True  # GRPO: divide by the group's std (False: Dr. GRPO)
+
+    def __post_init__(self):
+        positive = ("group_size", "max_new_tokens", "epochs", "mini_batches", "kl_horizon")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ConfigError("rl.group_size must be >= 2 for GRPO, which compares a prompt's replies, got 1")
+        if not self.temperature > 0:
+            raise ConfigError(f"rl.temperature must be > 0 (the policy samples its replies), got {self.temperature}")
+        for name in ("clip", "clip_high", "value_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"rl.{name} must be > 0, got {value}")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.entropy_coef < 0:
+            raise ConfigError("rl.kl_coef, rl.vf_coef and rl.entropy_coef must be >= 0")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ConfigError(f"rl.kl_target must be > 0 nats, got {self.kl_target}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"rl.gamma and rl.lam must be in [0, 1], got {self.gamma} and {self.lam}")
+
+
+@dataclass
+class RLConfig(TunedConfig):
+    """PPO or GRPO (mistura.tune.rl) on a JSONL file of prompts, data.train (data.val or a share held out)."""
+
+    rl: RLSettings = field(default_factory=RLSettings)
+
+    command: ClassVar[str] = "rl"
+    train_defaults: ClassVar[dict[str, Any]] = FINETUNE_DEFAULTS | {
+        "out_dir": "runs/rl",
+        "batch_size": 8,
+        "lr": 1e-5,
+        "eval_interval": 10,
+        "eval_batches": 4,
+        "log_interval": 1,
+        "checkpoint_interval": 50,
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RLConfig:
+        run = super().from_dict(data)
+        if run.rl.reward is None:
+            raise ConfigError(
+                "no reward: give --reward SPEC or set rl.reward (ends_sentence, contains:WORD, length:MIN-MAX, "
+                "module:function, model:PATH, critic:PATH)"
+            )
+        replies = run.train.batch_size * run.rl.group_size
+        if replies % run.rl.mini_batches:
+            raise ConfigError(
+                f"rl.mini_batches ({run.rl.mini_batches}) must divide the {replies} replies of a step "
+                f"(train.batch_size {run.train.batch_size} x rl.group_size {run.rl.group_size})"
+            )
+        if run.train.grad_accum != 1:
+            raise ConfigError("train.grad_accum must be 1 in RL: split a step's replies with rl.mini_batches instead")
+        return run

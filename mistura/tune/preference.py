@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +35,7 @@ from mistura.tune.encode import Encoder
 from mistura.tune.logprobs import sequence_logprobs
 from mistura.tune.losses import Metrics, dpo_loss, reward_model_loss, simpo_loss
 from mistura.tune.pairs import encode_pair, read_pairs
-from mistura.tune.reward_model import RewardModel, read_head, reply_rewards, write_head
+from mistura.tune.reward_model import RewardModel, reply_rewards
 from mistura.tune.tuned import TunedLoop
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # x, y (2B, T): the chosen rows, then the rejected ones
@@ -134,15 +133,6 @@ class RewardModelTrainer(PairLoop):
         loss, metrics = reward_model_loss(rewards[:B], rewards[B:], center_coef=self.run.reward.center_coef)
         return loss, sum((aux.loss for aux in auxes), torch.zeros((), device=ids.device)), metrics
 
-    def save_model_files(self, directory: Path, model: RewardModel) -> None:
-        """The backbone as SFT saves a model (a checkpoint, or LoRA adapters) and the head beside it."""
-        super().save_model_files(directory, model.backbone)
-        write_head(directory, model)
-
-    def load_model_files(self, directory: Path, model: RewardModel) -> None:
-        super().load_model_files(directory, model.backbone)
-        read_head(directory, model)
-
     def what(self) -> str:
         return "reward model"
 
@@ -156,7 +146,7 @@ class DPOTrainer(PairLoop):
         super().__init__(run, log, clock)
         policy = self.load_base()
         self.encode(policy.config.max_seq_len)
-        self.reference = None if run.dpo.loss == "simpo" else frozen(self.load_base(), self.device)
+        self.reference = None if run.dpo.loss == "simpo" else self.load_reference()
         self.train_model(policy)
 
     def pair_loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, Metrics]:
@@ -189,12 +179,6 @@ class DPOTrainer(PairLoop):
 
     def what(self) -> str:
         return f"DPO ({self.run.dpo.loss}, beta {self.run.dpo.beta:g})"
-
-
-def frozen(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` on `device`, in eval mode, without gradients: a reference that never changes."""
-    model.requires_grad_(False)
-    return model.to(device).eval()
 
 
 def mean_metrics(window: list[Metrics]) -> dict[str, float]:

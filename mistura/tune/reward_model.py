@@ -37,8 +37,6 @@ from mistura.tune.data import Conversation, exchange
 from mistura.tune.encode import Encoder
 from mistura.tune.masked import last_index
 
-HEAD_FILE = "reward_head.safetensors"
-
 
 class ValueHead(nn.Module):
     """A linear map from hidden states (B, T, D) to one scalar per token (B, T), in the head's own dtype."""
@@ -53,8 +51,15 @@ class ValueHead(nn.Module):
         return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1)  # (B, T)
 
 
-class RewardModel(nn.Module):
-    """A Transformer backbone with a ValueHead: per-token scores (values) and the sequence's reward (forward)."""
+class HeadedModel(nn.Module):
+    """A Transformer backbone with a ValueHead; a checkpoint keeps the head in `head_file` beside the backbone's files.
+
+    It stands where the training loop expects a Transformer (config, activation checkpointing, the experts'
+    bias update), so a reward model and PPO's policy with its critic train in the same loop.
+    """
+
+    head_file: str
+    kind: str  # what it is and the command that trains one, for the error of a checkpoint without the head
 
     def __init__(self, backbone: Transformer):
         super().__init__()
@@ -77,6 +82,13 @@ class RewardModel(nn.Module):
         """The backbone's expert-bias update after an optimizer step (see Transformer.balance_step)."""
         self.backbone.balance_step()
 
+
+class RewardModel(HeadedModel):
+    """A Transformer backbone with a ValueHead: per-token scores (values) and the sequence's reward (forward)."""
+
+    head_file = "reward_head.safetensors"
+    kind = "reward model (mistura reward-model trains one)"
+
     def values(self, idx: torch.Tensor) -> torch.Tensor:
         """The head's scalar at every position (B, T) of token ids idx (B, T): a PPO critic's V(s_t)."""
         return self.head(self.backbone.hidden_states(idx))
@@ -94,10 +106,10 @@ def write_reward_model(directory: Path, model: RewardModel, tokenizer_file: Path
     write_head(directory, model)
 
 
-def write_head(directory: Path, model: RewardModel) -> None:
-    """The head alone, reward_head.safetensors, beside backbone files written otherwise (LoRA adapters, say)."""
+def write_head(directory: Path, model: HeadedModel) -> None:
+    """The head alone, in model.head_file, beside backbone files written otherwise (LoRA adapters, say)."""
     head = {name: tensor.detach().contiguous().cpu() for name, tensor in model.head.state_dict().items()}
-    save_file(head, directory / HEAD_FILE, metadata=WEIGHTS_METADATA)
+    save_file(head, directory / model.head_file, metadata=WEIGHTS_METADATA)
 
 
 def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_file: Path | None = None) -> Path:
@@ -108,11 +120,11 @@ def save_reward_model(directory: str | Path, model: RewardModel, tokenizer_file:
     return directory
 
 
-def read_head(directory: Path, model: RewardModel) -> None:
-    """Load reward_head.safetensors of `directory` into `model.head`, names and shapes checked."""
-    path = directory / HEAD_FILE
+def read_head(directory: Path, model: HeadedModel) -> None:
+    """Load model.head_file of `directory` into `model.head`, names and shapes checked."""
+    path = directory / model.head_file
     if not path.is_file():
-        raise CheckpointError(f"{directory} has no {HEAD_FILE}: not a reward model (mistura reward-model trains one)")
+        raise CheckpointError(f"{directory} has no {model.head_file}: not a {model.kind}")
     state = read_tensors(path)
     check_state(state, model.head.state_dict(), str(path))
     model.head.load_state_dict(state)

@@ -8,6 +8,8 @@ An RL trainer builds a reward once, `reward = load_reward(spec)`, and scores eac
     length:MIN-MAX         1 if the reply's word count n is in [MIN, MAX]; outside, exp(-3 d / bound), d the
                            distance to the bound missed: 0.22 for half the bound short or over (d = bound / 2)
     no_repeat              the share of distinct words among the reply's words (0 for an empty reply)
+    exact:COLUMN           1 if the reply equals the prompt's COLUMN (its line's key: "answer" for a conversation
+                           file), both stripped, case-folded and their whitespace collapsed, else 0
     module:function        a function of yours, called as TRL calls one:
                            function(prompts=..., completions=..., **columns) -> a number per reply;
                            module is importable, or a path to a .py file (path/to/rewards.py:function)
@@ -179,6 +181,27 @@ class BuiltinReward(Reward):
         return [self.scorer(reply) for reply in completions]
 
 
+class ExactReward(Reward):
+    """exact:COLUMN, a verifiable reward: the reply against the reference answer its prompt's line holds."""
+
+    def __init__(self, name: str, column: str):
+        super().__init__(name)
+        self.column = column
+
+    def score(self, prompts: list[str], completions: list[str], **columns: list) -> list[float]:
+        answers = columns.get(self.column)
+        if answers is None:
+            raise DataError(f"the reward {self.name} needs a {self.column!r} key on the lines of the prompt file")
+        for index, answer in enumerate(answers):
+            if not isinstance(answer, str):
+                raise DataError(f"the reward {self.name}: the prompt of reply {index} has no {self.column!r} string")
+        return [float(normalised(reply) == normalised(answer)) for reply, answer in zip(completions, answers)]
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
 # ---- a user's function, TRL's convention
 
 
@@ -284,6 +307,10 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> Reward:
     head, colon, tail = spec.partition(":")
     if head in BUILTINS:
         return BuiltinReward(spec, BUILTINS[head].make(tail if colon else None, spec))
+    if head == "exact":
+        if not tail.strip():
+            raise ConfigError(f"the reward {spec!r} names no column: write exact:COLUMN, e.g. exact:answer")
+        return ExactReward(spec, tail.strip())
     if head in ("model", "critic") and tail:
         return (ModelReward if head == "model" else CriticReward)(spec, tail, device)
     module, _, attribute = spec.rpartition(":")
@@ -291,6 +318,6 @@ def load_reward(spec: str, device: torch.device | str = "cpu") -> Reward:
         return FunctionReward(spec, import_function(spec, module, attribute))
     forms = ", ".join(builtin.form for builtin in BUILTINS.values())
     raise ConfigError(
-        f"unknown reward {spec!r}: give a built-in ({forms}), module:function (module importable or a .py file), "
-        "model:PATH (a reward model) or critic:PATH (a language model asked yes or no)"
+        f"unknown reward {spec!r}: give a built-in ({forms}, exact:COLUMN), module:function (module importable or "
+        "a .py file), model:PATH (a reward model) or critic:PATH (a language model asked yes or no)"
     )

@@ -10,8 +10,9 @@ that `mistura.load` and `mistura chat` take the result as they take the base.
 A run's config (mistura.tune.config.FinetuneConfig, and the preference and RL configs) has the
 fields `base`, `method`, `lora` and `train`. A subclass builds its data, then trains the model
 `self.load_base()` returns through `self.train_model(model)`; a model with a head of its own
-(a reward model, a policy with a value head) adapts its backbone with `self.adapt(backbone)` and
-hands the whole model to `self.use_model`.
+(mistura.tune.reward_model.HeadedModel: a reward model, a policy with a value head) adapts its
+backbone with `self.adapt(backbone)` and hands the whole model to `self.use_model`; its
+checkpoints hold the head's file beside the backbone's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mistura.quant.experts import QuantExperts
 from mistura.quant.linear import QuantLinear
 from mistura.train.allocator import retain_freed_memory
 from mistura.train.loop import TrainLoop
+from mistura.tune.reward_model import HeadedModel, read_head, write_head
 from mistura.tune.template import is_own, tuning_template
 
 TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")  # where mistura.infer.chat finds a template
@@ -59,6 +61,12 @@ class TunedLoop(TrainLoop):
             refuse_quantised(model, self.base)
         return model
 
+    def load_reference(self) -> Transformer:
+        """A frozen copy of the base on the device, in eval mode: the reference DPO and RL measure a policy by."""
+        model = load(self.base)
+        model.requires_grad_(False)
+        return model.to(self.device).eval()
+
     def train_model(self, model: Transformer) -> None:
         """Seed, add the adapters when method is lora, and train `model` (TrainLoop.use_model)."""
         self.adapt(model)
@@ -71,8 +79,12 @@ class TunedLoop(TrainLoop):
             apply_lora(model, self.run.lora)
             self.log(f"LoRA adapters: training {trainable_share(model)} parameters")
 
-    def save_model_files(self, directory: Path, model: Transformer) -> None:
-        """The trained model (or with lora its adapters), the base's tokenizer and the chat template trained with."""
+    def save_model_files(self, directory: Path, model: Transformer | HeadedModel) -> None:
+        """The trained model (or with lora its adapters), the base's tokenizer and the chat template trained with;
+        a model with a head (a reward model, a policy with its critic) has the head's file beside its backbone's."""
+        if isinstance(model, HeadedModel):
+            write_head(directory, model)
+            model = model.backbone
         if self.run.method == "lora":
             adapter = save_adapter(model, directory / "adapter", base=self.base)
             for path in adapter.iterdir():  # one folder: the adapter's files beside the training state
@@ -88,7 +100,10 @@ class TunedLoop(TrainLoop):
         if not is_own(self.template):
             (directory / "chat_template.jinja").write_text(self.template.source, encoding="utf-8")
 
-    def load_model_files(self, directory: Path, model: Transformer) -> None:
+    def load_model_files(self, directory: Path, model: Transformer | HeadedModel) -> None:
+        if isinstance(model, HeadedModel):
+            read_head(directory, model)
+            model = model.backbone
         if self.run.method != "lora":
             return super().load_model_files(directory, model)
         state = read_adapter_weights(directory)

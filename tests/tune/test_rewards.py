@@ -90,7 +90,10 @@ def test_prompts_and_replies_of_different_counts_are_refused():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("bogus", r"unknown reward 'bogus': give a built-in \(ends_sentence, .*length:MIN-MAX\), module:function"),
+        (
+            "bogus",
+            r"unknown reward 'bogus': give a built-in \(ends_sentence, .*length:MIN-MAX, exact:COLUMN\), module:",
+        ),
         ("contains:", "names no word: write contains:WORD"),
         ("contains:  ", "names no word"),
         ("contains", "needs a parameter: write contains:WORD"),
@@ -332,3 +335,24 @@ def test_a_question_longer_than_the_critic_context_loses_its_start(base, critic_
     result = critic_scores(base, batch_size=2, rows=rows)
     assert result[0] == result[1]  # what the context holds, the end, is the same
     assert result[0].item() == pytest.approx(by_hand(base, ids[-64:]), abs=1e-6)
+
+
+def test_exact_compares_each_reply_with_its_prompts_column():
+    reward = load_reward("exact:answer")
+    replies = [" Dom  Casmurro\n", "dom casmurro", "Dom Casmurro!", "Quincas Borba"]
+    scores = reward(["p"] * 4, replies, answer=["Dom Casmurro"] * 3 + ["Dom Casmurro"])
+    assert scores.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [({}, "needs a 'answer' key on the lines"), ({"answer": ["x", None]}, "reply 1 has no 'answer' string")],
+)
+def test_exact_without_its_column_names_it(columns, message):
+    with pytest.raises(DataError, match=message):
+        load_reward("exact:answer")(["p", "q"], ["x", "y"], **columns)
+
+
+def test_exact_needs_a_column():
+    with pytest.raises(ConfigError, match="names no column: write exact:COLUMN"):
+        load_reward("exact: ")
