@@ -147,6 +147,34 @@ def finetune(name: str, says: str, data: str | bytes, *flags: str, files: dict[s
     return Row(f"finetune: {name}", [*FINETUNE, *flags], says, {"d.jsonl": data, **(files or {})})
 
 
+PAIR = '{"prompt": "Olá", "chosen": "Bom dia.", "rejected": "dia Bom."}\n'
+PAIRS_RUN = ["--data", "{tmp}/p.jsonl", "--val", "{tmp}/p.jsonl", "--out", "{tmp}/run"]
+RL = [
+    "rl",
+    "{ckpt}",
+    *PAIRS_RUN,
+    "--set",
+    "rl.max_new_tokens=4",
+    "--set",
+    "train.max_steps=2",
+    "--set",
+    "train.warmup_steps=0",
+    "--reward",
+]
+RAISES = "def f(prompts, completions, **columns):\n    return [1 / 0 for _ in completions]\n"
+NAN = "def f(prompts, completions, **columns):\n    return [float('nan') for _ in completions]\n"
+
+
+def pairs(command: str, name: str, says: str, data: str | bytes, *flags: str) -> Row:
+    """A `mistura reward-model` or `mistura dpo` row on the pairs file {tmp}/p.jsonl, run dir {tmp}/run."""
+    return Row(f"{command}: {name}", [command, "{ckpt}", *PAIRS_RUN, *flags], says, {"p.jsonl": data})
+
+
+def rl(name: str, says: str, reward: str, data: str | bytes = PAIR, **files: Value) -> Row:
+    """A `mistura rl` row with the prompts {tmp}/p.jsonl and the reward spec `reward`, run dir {tmp}/run."""
+    return Row(f"rl: {name}", [*RL, reward], says, {"p.jsonl": data, **files})
+
+
 ROWS = [
     # configs
     train("unknown top-level key", "unknown section(s) ['modle']", TRAIN + "modle:\n  n_layer: 2\n"),
@@ -322,6 +350,40 @@ ROWS = [
     Row("finetune-eval: batch size 0", [*FINETUNE_EVAL, "--batch-size", "0"], "batch size", {"d.jsonl": CHAT}),
     Row("finetune-data: unknown task", ["finetune-data", "machado-autores", "{tmp}/o"], "unknown task"),
     Row("finetune-data: folder not empty", ["finetune-data", "machado-obras", "{tmp}/o"], "already", {"o/x": "x"}),
+    # preferences and RL
+    pairs(
+        "reward-model",
+        "equal replies",
+        "line 1: 'chosen' and 'rejected' are the same reply",
+        PAIR.replace("dia Bom", "Bom dia"),
+    ),
+    pairs(
+        "reward-model",
+        "missing field",
+        "line 1: 'rejected' must be a non-empty string",
+        '{"prompt": "a", "chosen": "b"}\n',
+    ),
+    pairs("reward-model", "malformed line", "p.jsonl, line 2: not valid JSON", PAIR + "{oops\n"),
+    pairs("reward-model", "pairs not UTF-8", "p.jsonl is not UTF-8", b"\xff\xfe\n"),
+    pairs("dpo", "negative beta", "dpo.beta must be > 0", PAIR, "--beta", "-1"),
+    pairs("dpo", "unknown loss", "dpo.loss", PAIR, "--set", "dpo.loss=kto"),
+    pairs("dpo", "pair longer than the context", "more than the model's context", PAIR.replace("Olá", "Olá " * 80)),
+    Row("rl: no reward", RL[:-1], "no reward: give --reward SPEC", {"p.jsonl": PAIR}),
+    rl("unknown reward", "unknown reward 'bogus'", "bogus"),
+    rl("line without a prompt", "p.jsonl, line 1: 'prompt' must be a non-empty string", "ends_sentence", '{"q": 1}\n'),
+    rl("prompts not UTF-8", "p.jsonl is not UTF-8", "ends_sentence", b"\xff\xfe\n"),
+    rl(
+        "prompt longer than the context",
+        "the formatted prompt takes",
+        "ends_sentence",
+        PAIR.replace("Olá", "Olá " * 80),
+    ),
+    rl("reward file missing", "cannot import", "{tmp}/nowhere.py:f"),
+    rl("reward that raises", "raised ZeroDivisionError: division by zero", "{tmp}/r.py:f", **{"r.py": RAISES}),
+    rl("reward that returns NaN", "rewards must be finite", "{tmp}/r.py:f", **{"r.py": NAN}),
+    rl("reward model not found", "not found", "model:{tmp}/nowhere"),
+    rl("reward model without a head", "no reward_head.safetensors: not a reward model", "model:{ckpt}"),
+    Row("rl: mini-batches", [*RL, "ends_sentence", "--set", "rl.mini_batches=3"], "must divide", {"p.jsonl": PAIR}),
 ]
 
 

@@ -294,6 +294,7 @@ class TrainLoop(ABC):
         self.log(f"resumed from {directory} at step {self.step} ({self.train_seconds:.0f} s of training)")
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+        fresh = not self.out_dir.exists()
         metrics = self._open_metrics(resume)
         self.log(self.describe())
         bar = self._progress_bar(progress)
@@ -304,6 +305,10 @@ class TrainLoop(ABC):
         except KeyboardInterrupt:
             bar.write(f"interrupted: saving step {self.step}; continue with --resume")
             self.save()
+            raise
+        except Exception:
+            if fresh and not any(self.out_dir.iterdir()):  # failed before writing anything: leave no trace
+                self.out_dir.rmdir()
             raise
         finally:
             bar.close()
