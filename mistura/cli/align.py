@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistura.cli.options import add_tuning_options, given, tuning_overrides
+from mistura.cli.options import add_tuning_options, fit_tuning
 
 PROMPTS = '{"prompt": ...} lines, other keys handed to the reward (a pairs file works too)'
 REWARD = (
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("rl", help="tune a checkpoint by reinforcement learning on prompts and a reward: PPO or GRPO")
-    add_tuning_options(p, PROMPTS, "configs/rl/ppo-capitu.yaml")
+    add_tuning_options(p, PROMPTS, "configs/rl/grpo-obras.yaml")
     p.add_argument("--algorithm", "--algoritmo", choices=("ppo", "grpo"), help="rl.algorithm (default: ppo)")
     p.add_argument("--reward", "--recompensa", metavar="SPEC", help=REWARD)
     p.set_defaults(func=cmd_rl)
@@ -40,8 +40,7 @@ def cmd_reward_model(args: argparse.Namespace) -> None:
     from mistura.tune.config import RewardModelConfig
     from mistura.tune.preference import RewardModelTrainer
 
-    run = RewardModelConfig.from_yaml(args.config, tuning_overrides(args))
-    summary = RewardModelTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    summary = fit_tuning(args, RewardModelConfig, RewardModelTrainer)
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out pairs ranked right "
         f"{summary['val_accuracy']:.1%} (loss {summary['val_loss']:.3f}) | reward model {summary['checkpoint']}"
@@ -50,13 +49,10 @@ def cmd_reward_model(args: argparse.Namespace) -> None:
 
 
 def cmd_dpo(args: argparse.Namespace) -> None:
-    from mistura.fields import merge
     from mistura.tune.config import DPOConfig
     from mistura.tune.preference import DPOTrainer
 
-    flags = given({"dpo": {"loss": args.loss, "beta": args.beta}})
-    run = DPOConfig.from_yaml(args.config, merge(flags, tuning_overrides(args)))
-    summary = DPOTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    summary = fit_tuning(args, DPOConfig, DPOTrainer, {"dpo": {"loss": args.loss, "beta": args.beta}})
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out pairs preferred "
         f"{summary['val_rewards/accuracies']:.1%}, reward margin {summary['val_rewards/margins']:.3f} | "
@@ -65,13 +61,10 @@ def cmd_dpo(args: argparse.Namespace) -> None:
 
 
 def cmd_rl(args: argparse.Namespace) -> None:
-    from mistura.fields import merge
     from mistura.tune.config import RLConfig
     from mistura.tune.rl import RLTrainer
 
-    flags = given({"rl": {"algorithm": args.algorithm, "reward": args.reward}})
-    run = RLConfig.from_yaml(args.config, merge(flags, tuning_overrides(args)))
-    summary = RLTrainer(run).fit(resume=args.resume, progress=not args.no_progress)
+    summary = fit_tuning(args, RLConfig, RLTrainer, {"rl": {"algorithm": args.algorithm, "reward": args.reward}})
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | held-out reward {summary['val_reward']:.3f} "
         f"(best {summary['best_val_reward']:.3f}), KL to the base {summary['val_kl']:.2f} nats per reply | "

@@ -87,6 +87,15 @@ def tuning_overrides(args: argparse.Namespace) -> dict:
     return merge(given(flags), parse_overrides(args.set))
 
 
+def fit_tuning(args: argparse.Namespace, config: type, trainer: type, section: dict | None = None) -> dict:
+    """Train a post-training run: its config from --config, the command's own `section` flags and the shared ones
+    (tuning_overrides), then `trainer(config).fit`; returns the run's summary."""
+    from mistura.fields import merge
+
+    run = config.from_yaml(args.config, merge(given(section or {}), tuning_overrides(args)))
+    return trainer(run).fit(resume=args.resume, progress=not args.no_progress)
+
+
 def given(flags: dict) -> dict:
     """The flags that were given (not None), sections that end up empty left out."""
     kept = {key: given(value) if isinstance(value, dict) else value for key, value in flags.items()}

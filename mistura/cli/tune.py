@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from mistura.cli.options import add_tuning_options, tuning_overrides
+from mistura.cli.options import add_tuning_options, fit_tuning
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,8 +37,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from mistura.tune.config import FinetuneConfig
     from mistura.tune.sft import FineTuner
 
-    run = FinetuneConfig.from_yaml(args.config, tuning_overrides(args))
-    summary = FineTuner(run).fit(resume=args.resume, progress=not args.no_progress)
+    summary = fit_tuning(args, FinetuneConfig, FineTuner)
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss of the assistant's tokens "
         f"{summary['val_loss']:.3f} | checkpoint {summary['checkpoint']}"

@@ -36,7 +36,7 @@ def reward_kl_plot(records: list[dict[str, Any]], path: Path, title: str) -> boo
     left.plot([r["step"] for r in val], [r["val_reward"] for r in val], "o-", color="tab:green", label="held-out")
     left.set_xlabel("step")
     left.set_ylabel("reward")
-    left.legend(loc="upper left")
+    left.legend(loc="center right")
     kl_axis = left.twinx()
     kl_axis.plot(steps, kls, color="tab:red", alpha=0.6, linewidth=0.8)
     kl_axis.set_ylabel("KL to the reference per reply (nats)", color="tab:red")
