@@ -9,10 +9,11 @@ import argparse
 
 from mistura.cli.options import add_tuning_options, fit_tuning
 
-PROMPTS = '{"prompt": ...} lines, other keys handed to the reward (a pairs file works too)'
+PROMPTS = '{"prompt": ...} lines, other keys handed to the reward (a pairs or SFT file works too)'
 REWARD = (
-    "rl.reward: ends_sentence, contains:WORD, length:MIN-MAX, no_repeat, module:function (a .py file's path "
-    "or an importable module), model:PATH (a reward model) or critic:PATH (RLAIF: a model asked yes or no)"
+    "rl.reward: exact:COLUMN, ends_sentence, contains:WORD, length:MIN-MAX, no_repeat, module:function (a .py "
+    "file's path or an importable module), model:PATH (a reward model) or critic:PATH (RLAIF: a model asked yes "
+    "or no)"
 )
 PAIRS = '{"prompt", "chosen", "rejected"} pairs (mistura finetune-data machado-pares writes some)'
 
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("rl", help="tune a checkpoint by reinforcement learning on prompts and a reward: PPO or GRPO")
-    add_tuning_options(p, PROMPTS, "configs/rl/grpo-obras.yaml")
+    add_tuning_options(p, PROMPTS, "configs/rl/grpo-casa.yaml")
     p.add_argument("--algorithm", "--algoritmo", choices=("ppo", "grpo"), help="rl.algorithm (default: ppo)")
     p.add_argument("--reward", "--recompensa", metavar="SPEC", help=REWARD)
     p.set_defaults(func=cmd_rl)

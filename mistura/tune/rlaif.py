@@ -5,7 +5,7 @@ Responda sim ou não:") and runs the critic on it; the next-token logits z (B, V
 
     r = p(yes) / (p(yes) + p(no)) = sigmoid(logsumexp(z[yes ids]) - logsumexp(z[no ids]))   in [0, 1]
 
-where p(yes) sums the probabilities of every spelling of the answer (" sim", " Sim", " yes", ...), and
+where p(yes) sums the probabilities of every spelling of the answer (" sim", " Sim", " SIM"), and
 the softmax's normaliser cancels. This is how RLAIF (Lee et al. 2023) and Constitutional AI (Bai et al.
 2022) read a soft label from the AI labeller's probabilities of the answer tokens, normalised over the
 answers, here for one response judged alone.
@@ -20,8 +20,10 @@ from tokenizers import Tokenizer
 
 from mistura.errors import ConfigError
 
-YES = (" sim", " Sim", " SIM", " yes", " Yes")
-NO = (" não", " Não", " NÃO", " no", " No")
+# The critic is asked in Portuguese. English answers are left out: " no" is also Portuguese ("em" + "o"),
+# a token any Portuguese model predicts often whatever it thinks of the reply.
+YES = (" sim", " Sim", " SIM")
+NO = (" não", " Não", " NÃO")
 
 
 def yes_probability(logits: torch.Tensor, yes_ids: Sequence[int], no_ids: Sequence[int]) -> torch.Tensor:
