@@ -109,7 +109,7 @@ class ChatTemplate:
 
 def load_chat_template(checkpoint: str | Path, default: str = DEFAULT_TEMPLATE) -> ChatTemplate:
     """The checkpoint's chat template (chat_template.jinja first, then tokenizer_config.json), else `default`."""
-    directory = resolve(checkpoint)
+    directory = template_directory(checkpoint)
     config_path = directory / "tokenizer_config.json"
     config = _read_json(config_path) if config_path.is_file() else {}
     tokens = {name: _token_text(config, name, config_path) for name in ("bos_token", "eos_token")}
@@ -122,6 +122,15 @@ def load_chat_template(checkpoint: str | Path, default: str = DEFAULT_TEMPLATE) 
             raise CheckpointError(f"{config_path}: chat_template must be a string (a Jinja template)")
         return ChatTemplate(source, **tokens, where=f"{config_path} (chat_template)")
     return ChatTemplate(default, **tokens, stop=DEFAULT_STOP)
+
+
+def template_directory(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's template files are: the folder itself when it holds one (a LoRA adapter folder, which
+    has no config.json), else the checkpoint `resolve` finds (a run's latest)."""
+    path = Path(checkpoint)
+    if any((path / name).is_file() for name in ("chat_template.jinja", "tokenizer_config.json")):
+        return path
+    return resolve(checkpoint)
 
 
 def _read_json(path: Path) -> dict:

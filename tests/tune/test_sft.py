@@ -12,7 +12,7 @@ from mistura.tune.batches import collate
 from mistura.tune.config import FinetuneConfig
 from mistura.tune.data import Conversation
 from mistura.tune.sft import FineTuner
-from mistura.tune.template import SCRIPT_WITH_EOS
+from mistura.tune.template import SCRIPT_WITH_EOS, tuning_template
 
 QUESTION = {"role": "user", "content": "Quem é Capitu?"}
 REPLY = {"role": "assistant", "content": "Capitu tinha olhos de cigana."}
@@ -105,6 +105,7 @@ def test_a_lora_fine_tune_trains_the_adapters_alone_and_resumes_exactly(base, to
     }
     x, _ = collate(tuner.val_examples)
     assert torch.allclose(mistura.load(tuner.out_dir)(x), tuner.model.eval()(x), atol=1e-6)
+    assert tuning_template(checkpoint).source == tuner.template.source  # the step folder alone, as chat reads it
     shutil.copytree(tuner.out_dir, tmp_path / "cut")
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000012")
     resumed, _ = fine_tune(base, toy, tmp_path / "cut", resume=True, method="lora")
