@@ -116,7 +116,12 @@ def weights_of(model: Transformer) -> dict[str, torch.Tensor]:
 def stored_names(model: Transformer) -> list[str]:
     """The state-dict names a checkpoint stores: all but a tied lm_head, which is tok_emb."""
     tied = model.config.tie_embeddings
-    return [name for name in model.state_dict() if not (tied and name == "lm_head.weight")]
+    return [name for name in model.state_dict() if not (tied and is_head(name))]
+
+
+def is_head(name: str) -> bool:
+    """Whether a state-dict name is the lm_head's weight, at the top or inside a wrapper (backbone.lm_head.weight)."""
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
 
 
 def save_model(directory: str | Path, model: Transformer, tokenizer_file: Path | None = None) -> Path:
@@ -193,8 +198,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def complete_weights(state: dict[str, torch.Tensor], model: Transformer, where: str) -> dict[str, torch.Tensor]:
     """Stored tensors (see weights_of) as a full state dict for `model`, checked against it."""
-    if model.config.tie_embeddings and "tok_emb.weight" in state:
-        state = {**state, "lm_head.weight": state["tok_emb.weight"]}
+    if model.config.tie_embeddings:
+        embeddings = {name: name.removesuffix("lm_head.weight") + "tok_emb.weight" for name in model.state_dict()}
+        state = state | {head: state[emb] for head, emb in embeddings.items() if is_head(head) and emb in state}
     check_state(state, model.state_dict(), where)
     return state
 

@@ -172,15 +172,16 @@ def test_one_epoch_in_one_mini_batch_updates_on_policy(base, files, tmp_path, al
 
 
 @pytest.mark.parametrize(
-    ("algorithm", "method", "rl"),
+    ("algorithm", "method", "rl", "train"),
     [
-        ("ppo", "full", {"kl_target": 0.5, "kl_horizon": 64}),  # an adaptive kl_coef: its saved value matters
-        ("ppo", "lora", {}),
-        ("grpo", "full", {}),
+        ("ppo", "full", {"kl_target": 0.5, "kl_horizon": 64}, {}),  # an adaptive kl_coef: its saved value matters
+        ("ppo", "lora", {}, {}),
+        ("ppo", "full", {}, {"ema_decay": 0.9}),  # the averaged policy and value head evaluate and are saved
+        ("grpo", "full", {}, {}),
     ],
 )
-def test_a_resumed_run_continues_the_uninterrupted_one(base, files, tmp_path, algorithm, method, rl):
-    options = {"method": method, "rl": rl, "max_steps": 6, "checkpoint_interval": 3, "eval_interval": 3}
+def test_a_resumed_run_continues_the_uninterrupted_one(base, files, tmp_path, algorithm, method, rl, train):
+    options = {"method": method, "rl": rl, "max_steps": 6, "checkpoint_interval": 3, "eval_interval": 3, **train}
     prompts = files / "prompts.jsonl"
     full, _ = rl_run(base, prompts, tmp_path / "full", algorithm, reward(files), **options)
     shutil.copytree(full.out_dir, tmp_path / "cut")
