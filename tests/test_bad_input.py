@@ -92,12 +92,14 @@ def truncate(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
-def checkpoint_rows(command: str, argv: list[str]) -> list[Row]:
-    """The broken checkpoints a command that reads one must refuse; "{bad}" in argv is the checkpoint."""
+def checkpoint_rows(command: str, argv: list[str], inputs: dict[str, Value] | None = None) -> list[Row]:
+    """The broken checkpoints a command that reads one must refuse; "{bad}" in argv is the checkpoint, and
+    `inputs` the other files the command reads."""
 
     def row(name: str, says: str, folder: str = "{tmp}/bad", **files: Value) -> Row:
         broken = {"bad/": CKPT} | {f"bad/{key.replace('_', '.')}": value for key, value in files.items()}
-        return Row(f"{command}: {name}", [arg.replace("{bad}", folder) for arg in argv], says, broken if files else {})
+        argv_here = [arg.replace("{bad}", folder) for arg in argv]
+        return Row(f"{command}: {name}", argv_here, says, (inputs or {}) | (broken if files else {}))
 
     return [
         row("missing checkpoint dir", "checkpoint not found", "{tmp}/nowhere"),
@@ -383,6 +385,7 @@ ROWS = [
     rl("reward that returns NaN", "rewards must be finite", "{tmp}/r.py:f", **{"r.py": NAN}),
     rl("reward model not found", "not found", "model:{tmp}/nowhere"),
     rl("reward model without a head", "no reward_head.safetensors: not a reward model", "model:{ckpt}"),
+    *checkpoint_rows("rl", ["rl", "{bad}", *RL[2:], "ends_sentence"], {"p.jsonl": PAIR}),
     Row("rl: mini-batches", [*RL, "ends_sentence", "--set", "rl.mini_batches=3"], "must divide", {"p.jsonl": PAIR}),
 ]
 
