@@ -1,6 +1,7 @@
 """Sizing and comparing models: `mistura params` counts a config's parameters and KV cache,
-`mistura plan` finds a compute-optimal size and token budget, and `mistura compare` trains
-several models on the same data and budget and reports on them.
+`mistura plan` finds a compute-optimal size and token budget (or, with --memory, the per-GPU
+memory and communication of a parallel layout), and `mistura compare` trains several models on
+the same data and budget and reports on them.
 """
 
 from __future__ import annotations
@@ -24,12 +25,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("plan", help="compute-optimal model size and token budget (Chinchilla, C = 6 N D)")
+    p = sub.add_parser(
+        "plan",
+        help="compute-optimal model size and token budget (Chinchilla, C = 6 N D), or per-GPU memory of a layout",
+    )
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=float, help="training compute budget C in FLOPs, e.g. 1e18")
     budget.add_argument("--tokens", type=float, help="training tokens D available")
     budget.add_argument("--params", type=float, help="active parameters N of the model")
+    budget.add_argument(
+        "--memory",
+        metavar="PRESET_OR_CONFIG",
+        help="instead: per-GPU memory and communication of training this preset or run config in a parallel layout",
+    )
     p.add_argument("--tokens-per-param", type=float, default=20.0, help="compute-optimal D / N (Chinchilla: ~20)")
+    layout = p.add_argument_group("parallel layout (only with --memory)")
+    layout.add_argument("--gpus", type=int, metavar="G", help="GPUs in all, G = dp x tp (required)")
+    layout.add_argument("--tp", type=int, metavar="T", help="tensor-parallel ranks (default: 1)")
+    layout.add_argument(
+        "--ep", type=int, metavar="E", help="expert-parallel ranks, dividing dp and n_experts (default: 1)"
+    )
+    layout.add_argument(
+        "--data-parallel", choices=["fsdp", "ddp"], help="shard (fsdp) or replicate (ddp) over dp (default: fsdp)"
+    )
+    layout.add_argument("--dtype", choices=["bf16", "fp32"], help="parameter and gradient type (default: bf16)")
+    layout.add_argument("--micro-batch", type=int, metavar="B", help="sequences per micro-batch (default: 1)")
+    layout.add_argument("--seq-len", type=int, metavar="S", help="tokens per sequence (default: max_seq_len)")
+    layout.add_argument(
+        "--activation-checkpointing", action="store_true", default=None, help="recompute each layer in backward"
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="train several models on the same data and budget: metrics, plots, report")
@@ -115,10 +139,33 @@ def describe_layers(config) -> str:
     return text
 
 
+LAYOUT_OPTIONS = ("gpus", "tp", "ep", "data_parallel", "dtype", "micro_batch", "seq_len", "activation_checkpointing")
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
+    from mistura.errors import ConfigError
     from mistura.plan import describe, plan
 
+    if args.memory is not None:
+        plan_memory(args)
+        return
+    given = [name for name in LAYOUT_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: only applies with --memory")
     print(describe(plan(args.flops, args.tokens, args.params, args.tokens_per_param)))
+
+
+def plan_memory(args: argparse.Namespace) -> None:
+    """`mistura plan --memory`: the layout's per-GPU memory and communication table."""
+    from mistura.errors import ConfigError
+    from mistura.parallel.memory import Layout, describe, memory_plan
+
+    if args.gpus is None:
+        raise ConfigError("--memory: give the number of GPUs with --gpus")
+    config = model_config(args.memory, [])
+    options = {name: getattr(args, name) for name in LAYOUT_OPTIONS if getattr(args, name) is not None}
+    layout = Layout(**{"seq_len": config.max_seq_len, **options})
+    print(describe(config, layout, memory_plan(config, layout)))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
