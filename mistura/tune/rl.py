@@ -164,13 +164,21 @@ class RLTrainer(TunedLoop):
     # ---- one step: rollout, advantages, updates
 
     def train_step(self) -> tuple[float, float, float]:
+        """One RL step: a rollout, its advantages, its updates; returns the mean loss, aux loss and last norm."""
         set_lr(self.optimizer, lr_at(self.step, self.cfg, self.fraction_done))
-        batch = self.loader.next_batch()
-        rollout = self.rollout(self.model, batch, self.settings.group_size, seed=self.cfg.seed * 1_000_003 + self.step)
+        batch, seed = self.loader.next_batch(), self.cfg.seed * 1_000_003 + self.step  # seed: exact resume
+        rollout = self.rollout(self.model, batch, self.settings.group_size, seed)
         self.tokens += sum(len(prompt.ids) for prompt in batch) * self.settings.group_size + int(rollout.mask.sum())
         self.advantages(rollout)
+        losses, auxes, grad_norm, updates = self.update(rollout, torch.Generator().manual_seed(seed))
+        self.step += 1
+        self.window = self.step_metrics(rollout, updates)
+        return sum(losses) / len(losses), sum(auxes) / len(auxes), grad_norm
+
+    def update(self, rollout: Rollout, order: torch.Generator) -> tuple[list[float], list[float], float, list]:
+        """rl.epochs passes over the rollout's replies, shuffled by `order`, in rl.mini_batches optimizer steps
+        each; the losses, auxiliary losses and metrics of every update, and the last gradient norm."""
         losses, auxes, updates, grad_norm = [], [], [], 0.0
-        order = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         size = rollout.x.size(0) // self.settings.mini_batches
         for _ in range(self.settings.epochs):
             permutation = torch.randperm(rollout.x.size(0), generator=order).to(self.device)
@@ -181,15 +189,19 @@ class RLTrainer(TunedLoop):
                 losses.append(loss.item())
                 auxes.append(aux.item())
                 updates.append(metrics)
-        self.step += 1
+        return losses, auxes, grad_norm, updates
+
+    def step_metrics(self, rollout: Rollout, updates: list) -> dict[str, float]:
+        """What the step logs: its replies' statistics and its updates' mean metrics; PPO's KL coefficient, which
+        then moves toward its target (when adaptive) for the next step."""
         updated = mean_metrics(updates)
         if "kl" in updated:  # GRPO's KL term, per token (TRL's "kl"); "kl" here is the rollout's, per reply
             updated["kl_per_token"] = updated.pop("kl")
-        self.window = updated | {name: float(value) for name, value in rollout.statistics().items()}
+        window = updated | {name: float(value) for name, value in rollout.statistics().items()}
         if self.settings.algorithm == "ppo":
-            self.window["kl_coef"] = self.kl_controller.value
-            self.kl_controller.update(self.window["kl"], rollout.x.size(0))
-        return sum(losses) / len(losses), sum(auxes) / len(auxes), grad_norm
+            window["kl_coef"] = self.kl_controller.value
+            self.kl_controller.update(window["kl"], rollout.x.size(0))
+        return window
 
     @torch.no_grad()
     def rollout(self, model: torch.nn.Module, prompts: Sequence[Prompt], group: int, seed: int) -> Rollout:
