@@ -34,6 +34,20 @@ PAIRS = [
 ]
 
 
+# A short run of a post-training loop on the toy data: 12 steps, evaluated and saved at 6 and 12.
+QUICK_TRAIN = {
+    "batch_size": 4,
+    "max_steps": 12,
+    "lr": 1e-2,
+    "warmup_steps": 2,
+    "eval_interval": 6,
+    "eval_batches": 1,
+    "log_interval": 1,
+    "checkpoint_interval": 6,
+}
+QUIET = {"log": lambda *a: None}
+
+
 @pytest.fixture(scope="session")
 def base(tmp_path_factory) -> Path:
     """A tiny random Llama with a 64-token context and a real BPE tokenizer."""

@@ -13,19 +13,7 @@ from mistura.tune.config import DPOConfig, RewardModelConfig
 from mistura.tune.preference import DPOTrainer, RewardModelTrainer
 from mistura.tune.reward_model import load_reward_model, reply_rewards, score_texts
 from mistura.tune.template import tuning_template
-from tests.tune.conftest import PAIRS
-
-TRAIN = {
-    "batch_size": 4,
-    "max_steps": 12,
-    "lr": 1e-2,
-    "warmup_steps": 2,
-    "eval_interval": 6,
-    "eval_batches": 1,
-    "log_interval": 1,
-    "checkpoint_interval": 6,
-}
-QUIET = {"log": lambda *a: None}
+from tests.tune.conftest import PAIRS, QUICK_TRAIN, QUIET
 
 
 def run_config(kind, base, pairs, out_dir, section=None, method="full", **train):
@@ -36,7 +24,7 @@ def run_config(kind, base, pairs, out_dir, section=None, method="full", **train)
             "method": method,
             "data": {"train": str(pairs), "val": str(pairs)},
             "lora": {"rank": 4, "alpha": 8},
-            "train": {"out_dir": str(out_dir), **TRAIN, **train},
+            "train": {"out_dir": str(out_dir), **QUICK_TRAIN, **train},
             **{key: value for key, value in sections.items() if value is not None},
         }
     )

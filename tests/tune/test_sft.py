@@ -13,6 +13,7 @@ from mistura.tune.config import FinetuneConfig
 from mistura.tune.data import Conversation
 from mistura.tune.sft import FineTuner
 from mistura.tune.template import SCRIPT_WITH_EOS, tuning_template
+from tests.tune.conftest import QUICK_TRAIN
 
 QUESTION = {"role": "user", "content": "Quem é Capitu?"}
 REPLY = {"role": "assistant", "content": "Capitu tinha olhos de cigana."}
@@ -25,18 +26,7 @@ def config(base, toy, out_dir, method="full", **train):
             "method": method,
             "data": {"train": str(toy), "val": str(toy)},
             "lora": {"rank": 4, "alpha": 8},
-            "train": {
-                "out_dir": str(out_dir),
-                "batch_size": 4,
-                "max_steps": 12,
-                "lr": 1e-2,
-                "warmup_steps": 2,
-                "eval_interval": 6,
-                "eval_batches": 1,
-                "log_interval": 1,
-                "checkpoint_interval": 6,
-                **train,
-            },
+            "train": {"out_dir": str(out_dir), **QUICK_TRAIN, **train},
         }
     )
 
