@@ -1,5 +1,8 @@
 """`mistura train`: train a model from a YAML run config (optionally distilling a teacher),
 then print the validation loss and a sample per configured prompt.
+
+Data-parallel, with parallel.data_parallel: ddp in the config:
+    torchrun --nproc-per-node N -m mistura.cli train CONFIG.yaml
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from mistura.errors import ConfigError
     from mistura.fields import parse_overrides
+    from mistura.parallel import distributed
     from mistura.train.config import RunConfig
+    from mistura.train.loop import resolve_device
 
     if args.teacher_continuations and args.teacher is None:
         raise ConfigError("--teacher-continuations needs --teacher (the model that writes them)")
     run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
-    summary = make_trainer(run, args).fit(resume=args.resume, progress=not args.no_progress)
+    with distributed.process_group(run.parallel, run.train.batch_size, resolve_device(run.train.device)):
+        summary = make_trainer(run, args).fit(resume=args.resume, progress=not args.no_progress)
+        main = distributed.is_main()
+    if not main:  # under torchrun, rank 0 reports for all
+        return
     unigram = summary["unigram_loss"]
     print(
         f"\ndone: {summary['steps']} steps in {summary['wall_s']:.0f}s | validation loss {summary['val_loss']:.3f} "

@@ -4,6 +4,7 @@
     data:   which corpus, where its prepared tokens live, the tokenizer size
     train:  optimisation, schedule, evaluation, checkpoints, logging
     sample: prompts written after training
+    parallel: how several processes share the run (data-parallel under torchrun)
 
 Every section is a validated dataclass: an unknown key or a wrong type is an error
 that names it. `--set section.key=value` overrides any field.
@@ -98,17 +99,35 @@ class SampleConfig(Sampling):
 
 
 @dataclass
+class ParallelConfig:
+    """How the processes torchrun starts share a run (see mistura.parallel.distributed).
+
+    none: one process; under torchrun (WORLD_SIZE > 1) that is an error, not N copies of the run.
+    ddp: each process trains on its rows of every global batch (train.batch_size, divisible by the
+    number of processes) and DistributedDataParallel averages the gradients; run alone, one process.
+    """
+
+    data_parallel: Literal["none", "ddp"] = "none"
+    timeout_s: float = 300.0  # how long a collective waits for the other processes: a dead one fails the run
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout_s < math.inf:
+            raise ConfigError(f"parallel.timeout_s: must be a positive number of seconds, got {self.timeout_s}")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        unknown = set(data) - {"model", "data", "train", "sample"}
+        unknown = set(data) - {"model", "data", "train", "sample", "parallel"}
         if unknown:
-            raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train, sample")
+            raise ConfigError(f"unknown section(s) {sorted(unknown)}; expected model, data, train, sample, parallel")
         data_config = from_dict(DataConfig, data.get("data") or {}, "data")
         model = data.get("model") or {}
         if not isinstance(model, dict):
@@ -124,10 +143,11 @@ class RunConfig:
             data=data_config,
             train=from_dict(TrainConfig, data.get("train") or {}, "train"),
             sample=from_dict(SampleConfig, data.get("sample") or {}, "sample"),
+            parallel=from_dict(ParallelConfig, data.get("parallel") or {}, "parallel"),
         )
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
         """Read a run config; `overrides` (nested, from `--set`) win over the file."""
-        data = read_yaml(path, "sections model, data, train, sample")
+        data = read_yaml(path, "sections model, data, train, sample, parallel")
         return cls.from_dict(merge(data, overrides or {}))

@@ -33,6 +33,15 @@ and may change what a step logs and what evaluation watches:
                                    "min" by default (a reinforcement-learning run watches its reward)
     eval_at_start                  evaluate once before the first step too (a run that starts fresh)
     eval_message(record)           the line an evaluation prints
+
+Data-parallel (data_parallel=True, inside mistura.parallel.distributed.process_group): the model
+trains wrapped in DistributedDataParallel, each process on its rows of the global batch (the
+subclass's loader gives them); the logged training loss is averaged over the processes, the
+experts' loads are summed before their bias step, and the time a step took is the slowest
+process's, so every process follows the same schedule and keeps the same weights. Evaluation runs
+on every process, on the same batches with the same weights, without talking to the others. Rank 0
+alone prints, writes metrics.jsonl and checkpoints; the others wait for each checkpoint to be
+written, and all of them resume from the same one.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -62,6 +72,8 @@ from mistura.checkpoint import (
 )
 from mistura.errors import ConfigError
 from mistura.model import Transformer
+from mistura.model.moe.router import Router
+from mistura.parallel import distributed
 from mistura.train import state as train_state
 from mistura.train.config import TrainConfig
 from mistura.train.loggers import MetricsLog
@@ -103,10 +115,22 @@ class TrainLoop(ABC):
     monitor, monitor_mode = "val_loss", "min"
     eval_at_start = False
 
-    def __init__(self, cfg: TrainConfig, log=print, clock: Callable[[], float] = time.perf_counter):
-        self.cfg, self.log, self.clock = cfg, log, clock
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        log=print,
+        clock: Callable[[], float] = time.perf_counter,
+        data_parallel: bool = False,
+    ):
+        if data_parallel and not distributed.initialized():
+            raise RuntimeError("data-parallel training runs inside mistura.parallel.distributed.process_group")
+        self.data_parallel = data_parallel
+        self.main = not data_parallel or distributed.is_main()  # the process that prints and writes
+        self.cfg, self.log, self.clock = cfg, log if self.main else _quiet, clock
         self.out_dir = Path(cfg.out_dir)
         self.device = resolve_device(cfg.device)
+        if data_parallel and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # this process's GPU (its LOCAL_RANK)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.step = 0
         self.train_seconds = 0.0  # spent in optimizer steps, this run and those it resumes
@@ -115,7 +139,14 @@ class TrainLoop(ABC):
         """Train `model` (its parameters that require gradients): on the device, with its optimizer and EMA."""
         self.model = model.to(self.device)
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
-        self.forward = torch.compile(self.model) if self.cfg.compile else self.model
+        self.forward = self.model
+        if self.data_parallel:
+            # No buffer broadcast: the experts' biases stay equal by construction, and each process
+            # keeps counting its own expert loads until optimizer_step sums them.
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+        if self.cfg.compile:
+            self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=False)
@@ -209,7 +240,10 @@ class TrainLoop(ABC):
             main_total, aux_total = main_total + main.item(), aux_total + aux.item()
         grad_norm = self.optimizer_step()
         self.step += 1
-        return main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum, grad_norm
+        main, aux = main_total / self.cfg.grad_accum, aux_total / self.cfg.grad_accum
+        if self.data_parallel:  # each process's loss is its slice's: the global batch's is their mean
+            main, aux = distributed.reduce_across_ranks([main, aux], "mean")
+        return main, aux, grad_norm
 
     def optimizer_step(self) -> float:
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
@@ -217,6 +251,10 @@ class TrainLoop(ABC):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.data_parallel:  # the global batch's expert loads, so every process takes the same bias step
+            distributed.sum_across_ranks_(
+                m.load for m in self.model.modules() if isinstance(m, Router) and m.config.balance_bias_rate > 0
+            )
         self.model.balance_step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -226,7 +264,10 @@ class TrainLoop(ABC):
         """train_step, adding its duration to train_seconds."""
         begin = self.clock()
         result = self.train_step()
-        self.train_seconds += self.clock() - begin
+        seconds = self.clock() - begin
+        if self.data_parallel:  # the slowest process's time, so that all stop at the same step of a time budget
+            (seconds,) = distributed.reduce_across_ranks([seconds], "max")
+        self.train_seconds += seconds
         return result
 
     @torch.no_grad()
@@ -247,8 +288,10 @@ class TrainLoop(ABC):
         return metrics
 
     def save(self) -> Path:
-        """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints."""
+        """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints (rank 0 alone)."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
+        if not self.main:
+            return final
         with checkpoint_directory(final) as tmp:
             self.save_model_files(tmp, self.eval_model)
             extra = {}
@@ -297,17 +340,17 @@ class TrainLoop(ABC):
         fresh = not self.out_dir.exists()
         metrics = self._open_metrics(resume)
         self.log(self.describe())
-        bar = self._progress_bar(progress)
+        bar = self._progress_bar(progress and self.main)
         self.model.train()
         start = self.clock()
         try:
             best = self._loop(metrics, bar, start)
         except KeyboardInterrupt:
-            bar.write(f"interrupted: saving step {self.step}; continue with --resume")
+            self._write(bar, f"interrupted: saving step {self.step}; continue with --resume")
             self.save()
             raise
         except Exception:
-            if fresh and not any(self.out_dir.iterdir()):  # failed before writing anything: leave no trace
+            if self.main and fresh and not any(self.out_dir.iterdir()):  # failed before writing anything: no trace
                 self.out_dir.rmdir()
             raise
         finally:
@@ -328,16 +371,19 @@ class TrainLoop(ABC):
         }
 
     def _open_metrics(self, resume: bool) -> MetricsLog:
-        """The run's metrics log, after restoring the latest checkpoint when resuming."""
-        metrics = MetricsLog(self.out_dir, self.cfg.loggers, self.config_dict(), notice=self.log)
-        if resume:
-            self.resume()
-            metrics.drop_after(self.step)
-        elif metrics.path.exists():
+        """The run's metrics log (rank 0's; the others' writes nothing), after restoring the latest
+        checkpoint when resuming."""
+        if not resume and (self.out_dir / "metrics.jsonl").exists():
             raise ConfigError(
                 f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
             )
-        return metrics
+        self._sync()  # every process has looked before rank 0 writes
+        metrics = MetricsLog(self.out_dir, self.cfg.loggers, self.config_dict(), notice=self.log) if self.main else None
+        if resume:
+            self.resume()
+            if metrics is not None:
+                metrics.drop_after(self.step)
+        return metrics if metrics is not None else _NoMetrics()
 
     def _loop(self, metrics: MetricsLog, bar: tqdm, start: float) -> float:
         """Train until the run is done, logging, evaluating and saving on the way; returns the best monitored value."""
@@ -360,6 +406,7 @@ class TrainLoop(ABC):
                 best = value if self.better(value, best) else best
             if self.step % cfg.checkpoint_interval == 0 or last:
                 self.save()
+                self._sync()  # no process runs ahead of the checkpoint it would resume from
             self._advance(bar)
         return best
 
@@ -411,8 +458,32 @@ class TrainLoop(ABC):
         """Evaluate, log and print the record; returns its monitored value."""
         record = self._eval_record()
         metrics.write(record)
-        bar.write(self.eval_message(record))
+        self._write(bar, self.eval_message(record))
         return record[self.monitor]
+
+    def _sync(self) -> None:
+        """Data-parallel, wait for every process to get here; else nothing."""
+        if self.data_parallel:
+            distributed.barrier()
+
+    def _write(self, bar: tqdm, line: str) -> None:
+        """Print a line above the progress bar: rank 0's alone."""
+        if self.main:
+            bar.write(line)
 
     def _eval_record(self) -> dict[str, Any]:
         return {"step": self.step, **self.evaluate(), "tokens": self.tokens_done()}
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a process other than rank 0: they all say the same, rank 0 says it once."""
+
+
+class _NoMetrics:
+    """The metrics log of a process other than rank 0, which writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

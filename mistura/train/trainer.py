@@ -5,6 +5,10 @@ mistura.data.bins); validation averages the loss over eval_batches windows of va
 same ones at every evaluation. The loop itself, with its logging, evaluation, checkpoints,
 time budget and exact resume, is mistura.train.loop's; a checkpoint's model files are the
 native checkpoint's with the data's tokenizer.
+
+With parallel.data_parallel: ddp under torchrun (see mistura.parallel.distributed), every
+process draws the same global batch and trains on its rows of it; rank 0 prepares the data
+first, the others then read it.
 """
 
 from __future__ import annotations
@@ -22,17 +26,21 @@ from mistura.data.bins import BatchLoader, open_tokens
 from mistura.data.prepare import load_meta, prepare
 from mistura.errors import ConfigError
 from mistura.model import Transformer
+from mistura.parallel import distributed
 from mistura.train.allocator import retain_freed_memory
-from mistura.train.config import DataConfig, RunConfig
+from mistura.train.config import DataConfig, ParallelConfig, RunConfig
 from mistura.train.loop import TrainLoop
 
 
 class Trainer(TrainLoop):
     def __init__(self, run: RunConfig, log=print, clock: Callable[[], float] = time.perf_counter):
-        super().__init__(run.train, log, clock)
+        distributed.check_layout(run.parallel.data_parallel, run.train.batch_size)
+        data_parallel = run.parallel.data_parallel == "ddp" and distributed.launched_world_size() > 1
+        super().__init__(run.train, log, clock, data_parallel=data_parallel)
         if self.device.type == "cpu" and self.cfg.retain_cpu_memory:
             retain_freed_memory()
-        self.meta = prepared_data(run.data, log)
+        with distributed.main_first():  # rank 0 prepares the data, if it must, before the others read it
+            self.meta = prepared_data(run.data, self.log)
         self.data_dir = Path(run.data.dir)
         # A small corpus can give a tokenizer smaller than asked for: the model follows the tokenizer.
         self.run = run = dataclasses.replace(
@@ -42,6 +50,10 @@ class Trainer(TrainLoop):
         self.use_model(Transformer(run.model))
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])
         self.loader = BatchLoader(tokens, self.cfg.batch_size, run.model.max_seq_len, self.cfg.seed, self.device)
+        if data_parallel:  # the same global batch everywhere, this process's rows of it
+            self.loader = distributed.RankSlice(
+                self.loader, self.cfg.batch_size, distributed.rank(), distributed.world_size()
+            )
         self.val_tokens = open_tokens(self.data_dir / "val.bin", self.meta["dtype"])
         self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * run.model.max_seq_len
 
@@ -65,9 +77,11 @@ class Trainer(TrainLoop):
         amp = "bf16 autocast" if self.amp_dtype else "fp32"
         cfg = self.cfg
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
+        ddp = f" | data-parallel over {distributed.world_size()} processes" if self.data_parallel else ""
         return (
             f"model {self.run.model.name}: {n_params / 1e6:.2f}M parameters | device {self.device} ({amp}) | "
             f"{cfg.max_steps} steps{budget} of {cfg.batch_size * cfg.grad_accum} x {self.run.model.max_seq_len} tokens"
+            f"{ddp}"
         )
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -93,6 +107,10 @@ def prepared_data(data: DataConfig, log=print) -> dict[str, Any]:
 
 
 def run_to_dict(run: RunConfig) -> dict[str, Any]:
+    """The run's config as plain data; the parallel section only when it is not the default (one process),
+    so a single-process run records what it always did."""
     data = dataclasses.asdict(run)
     data["model"] = run.model.to_dict()
+    if run.parallel == ParallelConfig():
+        del data["parallel"]
     return data

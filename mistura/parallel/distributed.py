@@ -1,0 +1,167 @@
+"""Data-parallel training across the processes torchrun starts.
+
+    torchrun --nproc-per-node N -m mistura.cli train CONFIG.yaml      (with parallel.data_parallel: ddp)
+
+torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each process;
+`process_group` joins them into the default process group (gloo on the CPU, NCCL on CUDA, each
+process on the GPU of its LOCAL_RANK) for the length of a command and leaves it at the end,
+whatever happens. Its timeout bounds every collective, so a dead process fails the run
+instead of hanging it.
+
+Every process draws the same global batch (train.batch_size rows, from the same seeded
+loader) and trains on its own contiguous rows of it (`RankSlice`); DistributedDataParallel
+averages the gradients, which over equal slices is the global batch's mean, so a run on N
+processes follows the single-process run: same data order, same updates up to float rounding.
+Outside a process group every helper here is the single-process case (rank 0 of 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from mistura.errors import ConfigError
+
+if TYPE_CHECKING:
+    from mistura.train.config import ParallelConfig
+
+
+def launched_world_size() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE), 1 when run directly."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE must be an integer, got {value!r}") from None
+
+
+def initialized() -> bool:
+    """Whether this process is in a default process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0, the one that prints, logs and writes checkpoints."""
+    return rank() == 0
+
+
+def check_layout(data_parallel: str, batch_size: int, world: int | None = None) -> None:
+    """Refuse a layout that cannot run: several processes without ddp, or a global batch they cannot split evenly."""
+    world = launched_world_size() if world is None else world
+    if world <= 1:
+        return
+    if data_parallel == "none":
+        raise ConfigError(
+            f"running under torchrun with {world} processes, but parallel.data_parallel is none: "
+            "set parallel.data_parallel: ddp to train data-parallel (or run a single process)"
+        )
+    if batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {batch_size} is not divisible by the {world} processes (the world size): "
+            "each process trains on an equal slice of the global batch"
+        )
+
+
+@contextlib.contextmanager
+def process_group(parallel: ParallelConfig, batch_size: int, device: torch.device) -> Iterator[bool]:
+    """Join torchrun's processes for the length of the block; yields whether the run is data-parallel.
+
+    Alone (no torchrun, or one process) it does nothing and yields False. A bad layout
+    (see check_layout) is refused before any process waits for another.
+    """
+    world = launched_world_size()
+    check_layout(parallel.data_parallel, batch_size, world)
+    if parallel.data_parallel != "ddp" or world <= 1:
+        yield False
+        return
+    if not dist.is_available():
+        raise ConfigError("parallel.data_parallel: ddp needs torch.distributed, which this PyTorch build lacks")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ConfigError(f"parallel.data_parallel: ddp runs on cpu or cuda devices, not {device.type}")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
+    try:
+        yield True
+    finally:
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every process gets here; nothing outside a process group."""
+    if initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 first, then on the others: e.g. preparing data once that all then read."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+
+def reduce_across_ranks(values: list[float], op: Literal["mean", "max"]) -> list[float]:
+    """Each value's mean or maximum over the processes (one all-reduce), the same on all; the values alone."""
+    if not initialized():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "mean" else dist.ReduceOp.MAX)
+    if op == "mean":
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def sum_across_ranks_(tensors: Iterable[torch.Tensor]) -> None:
+    """Replace each tensor, in place, with its sum over the processes (one all-reduce); nothing alone."""
+    tensors = list(tensors)
+    if not initialized() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+class RankSlice:
+    """This process's contiguous rows of each global batch a loader draws: rows [r * B/N, (r + 1) * B/N).
+
+    Its state is the loader's, the same on every process, so a checkpoint of rank 0 resumes them all.
+    """
+
+    def __init__(self, loader: Any, batch_size: int, rank: int, world: int):
+        if batch_size % world:
+            raise ConfigError(f"train.batch_size {batch_size} is not divisible by the world size {world}")
+        self.loader = loader
+        rows = batch_size // world
+        self.rows = slice(rank * rows, (rank + 1) * rows)
+
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        return tuple(t[self.rows] for t in self.loader.next_batch())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)

@@ -1,0 +1,226 @@
+"""Data-parallel pretraining for real: torchrun starts two CPU processes (gloo) that train on halves
+of each global batch, and the run must follow the single-process run on the same batches."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import mistura
+from mistura.data.bins import BatchLoader
+from mistura.errors import ConfigError
+from mistura.parallel.distributed import RankSlice, check_layout
+from mistura.train.config import RunConfig
+from mistura.train.loggers import read_metrics
+from mistura.train.trainer import run_to_dict
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+STEPS = 20
+# fp32 sums taken in another order (two half-batch means averaged, not one mean): the loss curves and the
+# weights agree to float rounding, which 20 Adam steps amplify a little.
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-5
+# With two micro-batches a step, a few gradient elements of the MoE are sums that cancel to ~1e-9, pure
+# rounding noise, whose sign Adam's first steps (lr * g / (|g| + eps)) turn into updates of up to ~lr / 10:
+# measured 1.5e-4 on the final weights (lr 3e-3), while the losses still agree to 1.4e-6 and the biases exactly.
+MOE_WEIGHT_ATOL = 1e-3
+# The deepseek-style MoE of tests/train/test_moe_training.py, aux-loss-free: sigmoid scores, groups,
+# a shared expert and the selection bias, with its balance losses at 0 (see test_moe_bias_follows_one_process).
+MOE = {
+    "preset": "deepseek-moe-tiny",
+    "moe": {
+        "n_experts": 8,
+        "top_k": 2,
+        "d_expert": 16,
+        "d_shared": 16,
+        "n_groups": 4,
+        "topk_groups": 2,
+        "balance_bias_rate": 0.01,
+        "seq_aux_loss_weight": 0.0,
+    },
+}
+
+
+@pytest.fixture
+def config(prepared, tmp_path):
+    """config(name, model=..., parallel=..., **train): a run's YAML file, out_dir tmp_path / name."""
+
+    def make(name, model=None, parallel=None, **train):
+        run = {
+            "model": {
+                "preset": "llama-tiny",
+                "n_layer": 2,
+                "d_model": 32,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_ff": 64,
+                "max_seq_len": 32,
+                **(model or {}),
+            },
+            "data": {"source": "unused", "dir": str(prepared), "vocab_size": 384},
+            "train": {
+                "out_dir": str(tmp_path / name),
+                "device": "cpu",
+                "batch_size": 4,
+                "max_steps": STEPS,
+                "warmup_steps": 2,
+                "eval_interval": 10,
+                "eval_batches": 2,
+                "log_interval": 1,
+                "checkpoint_interval": 10,
+                **train,
+            },
+            "sample": {"prompts": ["Capitu"], "max_new_tokens": 2},
+            "parallel": {"data_parallel": "ddp", "timeout_s": 60, **(parallel or {})},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(run), encoding="utf-8")  # JSON is YAML
+        return path
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mistura_train(config, processes=None, *args):
+    """`python -m mistura.cli train config`, under torchrun with `processes` processes when given."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes is not None:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    command = [*launcher, "-m", "mistura.cli", "train", str(config), "--no-progress", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+
+
+def trained(config, processes=None, *args):
+    result = mistura_train(config, processes, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def train_losses(out_dir) -> list[float]:
+    records = [r for r in read_metrics(out_dir) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    return [r["loss"] for r in records]
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / f"checkpoints/step-{STEPS:07d}/model.safetensors")
+
+
+def assert_same_run(one, two, weight_atol=WEIGHT_ATOL):
+    """Two runs' training losses and final weights agree to fp32 rounding; returns the largest differences."""
+    a, b = train_losses(one), train_losses(two)
+    loss_gap = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    assert loss_gap <= LOSS_RTOL, (a, b)
+    wa, wb = final_weights(one), final_weights(two)
+    assert wa.keys() == wb.keys()
+    weight_gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert weight_gap <= weight_atol
+    return loss_gap, weight_gap, wa, wb
+
+
+def test_two_processes_follow_one(config, tmp_path):
+    one = trained(config("one"))
+    two = trained(config("two"), 2)
+    loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "two")
+    print(f"dense: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    assert "data-parallel over 2 processes" in two.stdout and "data-parallel" not in one.stdout
+    assert two.stdout.count("done: 20 steps") == 1  # rank 0 alone reports
+    assert two.stdout.count("step 10: val loss") == 1
+    records = read_metrics(tmp_path / "two")
+    assert len(records) == len(read_metrics(tmp_path / "one"))  # one writer: no line twice
+    state = json.loads((tmp_path / "two/checkpoints/step-0000020/train_state.json").read_text())
+    assert state["loader"]["batches_drawn"] == STEPS and state["run_config"]["parallel"]["data_parallel"] == "ddp"
+
+
+def test_moe_bias_follows_one_process(config, tmp_path):
+    # Two micro-batches a step: each process counts its expert loads over both before they are summed.
+    trained(config("one", model=MOE, grad_accum=2))
+    trained(config("two", model=MOE, grad_accum=2), 2)
+    loss_gap, weight_gap, one, two = assert_same_run(tmp_path / "one", tmp_path / "two", MOE_WEIGHT_ATOL)
+    print(f"moe: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    biases = [k for k in one if k.endswith("expert_bias")]
+    assert biases and any(one[k].abs().sum() > 0 for k in biases)  # the bias did move
+    assert all(torch.equal(one[k], two[k]) for k in biases)
+
+
+def test_two_processes_resume_from_one_checkpoint(config, tmp_path):
+    path = config("run")
+    trained(path, 2)
+    full = train_losses(tmp_path / "run")
+    last = final_weights(tmp_path / "run")
+    (tmp_path / "run/checkpoints/step-0000020").rename(tmp_path / "kept")
+    resumed = trained(path, 2, "--resume")
+    assert resumed.stdout.count("resumed from") == 1
+    assert train_losses(tmp_path / "run") == full
+    again = final_weights(tmp_path / "run")
+    assert all(torch.equal(last[k], again[k]) for k in last)
+
+
+def no_traceback_of_ours(stderr: str) -> bool:
+    """torchrun reports a failed worker with a traceback of its own; none may come from mistura."""
+    return str(Path(mistura.__file__).parent) + os.sep not in stderr and "ConfigError" not in stderr
+
+
+def test_batch_not_divisible_by_the_processes_is_an_error(config):
+    result = mistura_train(config("bad", batch_size=3), 2)
+    assert result.returncode != 0
+    line = "error: train.batch_size 3 is not divisible by the 2 processes (the world size)"
+    assert result.stderr.count(line) == 2, result.stderr  # each process says why, and exits
+    assert no_traceback_of_ours(result.stderr), result.stderr
+
+
+def test_torchrun_needs_ddp(config):
+    result = mistura_train(config("plain", parallel={"data_parallel": "none"}), 2)
+    assert result.returncode != 0
+    assert result.stderr.count("set parallel.data_parallel: ddp") == 2, result.stderr
+    assert no_traceback_of_ours(result.stderr), result.stderr
+
+
+def test_each_process_gets_its_rows_of_the_same_global_batch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    whole = BatchLoader(tokens, 4, 8, seed=3).next_batch()
+    parts = [RankSlice(BatchLoader(tokens, 4, 8, seed=3), 4, rank, 2) for rank in range(2)]
+    halves = [part.next_batch() for part in parts]
+    for i in range(2):  # x, then y
+        assert torch.equal(torch.cat([h[i] for h in halves]), whole[i])
+    assert parts[1].state_dict() == {"seed": 3, "batches_drawn": 1}
+
+
+def test_layout_checks():
+    check_layout("none", 3, world=1)
+    check_layout("ddp", 3, world=1)  # ddp alone is one process
+    check_layout("ddp", 4, world=2)
+    with pytest.raises(ConfigError, match="set parallel.data_parallel: ddp"):
+        check_layout("none", 4, world=2)
+    with pytest.raises(ConfigError, match="batch_size 6 is not divisible by the 4 processes"):
+        check_layout("ddp", 6, world=4)
+
+
+def test_parallel_section_is_validated_and_recorded_only_when_set():
+    assert "parallel" not in run_to_dict(RunConfig.from_dict({}))
+    run = RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "timeout_s": 30}})
+    assert run_to_dict(run)["parallel"] == {"data_parallel": "ddp", "timeout_s": 30.0}
+    with pytest.raises(ConfigError, match="parallel.data_parallel"):
+        RunConfig.from_dict({"parallel": {"data_parallel": "fsdp"}})
+    with pytest.raises(ConfigError, match="parallel.timeout_s: must be a positive"):
+        RunConfig.from_dict({"parallel": {"timeout_s": 0}})
+    with pytest.raises(ConfigError, match="parallel"):
+        RunConfig.from_dict({"parallel": {"world": 2}})
