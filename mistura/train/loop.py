@@ -47,6 +47,7 @@ written, and all of them resume from the same one.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import shutil
 import time
@@ -82,6 +83,13 @@ from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
 
 BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 IGNORE = -100  # a label the loss leaves out (cross-entropy's ignore_index)
+# DDP's switch for no buffer sync in forward: its newer name where this PyTorch has it (it still syncs them
+# once at the start, when they are equal anyway), else the older one.
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class Batches(Protocol):
@@ -144,7 +152,7 @@ class TrainLoop(ABC):
             # No buffer broadcast: the experts' biases stay equal by construction, and each process
             # keeps counting its own expert loads until optimizer_step sums them.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
+            self.forward = DistributedDataParallel(self.model, device_ids=device_ids, **NO_BUFFER_SYNC)
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
