@@ -20,3 +20,7 @@ class DataError(MisturaError):
 
 class CheckpointError(MisturaError):
     """A missing, truncated or mismatched checkpoint."""
+
+
+class DistributedError(MisturaError):
+    """A failed process group: another process crashed, hangs or quit, or the processes disagree."""

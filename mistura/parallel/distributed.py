@@ -5,8 +5,10 @@
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each process;
 `process_group` joins them into the default process group (gloo on the CPU, NCCL on CUDA, each
 process on the GPU of its LOCAL_RANK) for the length of a command and leaves it at the end,
-whatever happens. Its timeout bounds every collective, so a dead process fails the run
-instead of hanging it.
+whatever happens. Its timeout bounds every collective, so a dead or stuck process fails the run
+instead of hanging it, and such a failure is a DistributedError that says so on the processes
+left; processes given different run configs are refused on every one of them
+(`check_same_config`).
 
 Every process draws the same global batch (train.batch_size rows, from the same seeded
 loader) and trains on its own contiguous rows of it (`RankSlice`); DistributedDataParallel
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 
-from mistura.errors import ConfigError
+from mistura.errors import ConfigError, DistributedError
 
 if TYPE_CHECKING:
     from mistura.train.config import ParallelConfig
@@ -100,8 +102,51 @@ def process_group(parallel: ParallelConfig, batch_size: int, device: torch.devic
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
     try:
         yield True
+    except RuntimeError as err:
+        if not is_collective_failure(err):
+            raise
+        raise DistributedError(
+            f"rank {rank()}: the process group failed ({first_line(err)}): another process crashed, hangs or quit "
+            f"(collectives wait parallel.timeout_s={parallel.timeout_s:g} s); its own error says why"
+        ) from err
     finally:
         dist.destroy_process_group()
+
+
+def is_collective_failure(err: RuntimeError) -> bool:
+    """Whether an error is the communication backend's (a peer that closed its connection, a timeout)."""
+    return isinstance(err, dist.DistError) or any(marker in str(err) for marker in ("gloo", "NCCL", "ProcessGroup"))
+
+
+def first_line(err: Exception) -> str:
+    """An error's first line without the source path the backends prefix it with."""
+    return str(err).splitlines()[0].split("] ", 1)[-1].strip()
+
+
+def check_same_config(config: dict[str, Any]) -> None:
+    """Raise DistributedError on every process unless all were given the same run config (flattened, compared
+    field by field with rank 0's): processes that train different runs would silently average them."""
+    if not initialized():
+        return
+    configs: list[Any] = [None] * world_size()
+    dist.all_gather_object(configs, flatten(config))
+    for other, theirs in enumerate(configs[1:], 1):
+        differ = sorted(key for key in configs[0].keys() | theirs.keys() if configs[0].get(key) != theirs.get(key))
+        if differ:
+            key = differ[0]
+            raise DistributedError(
+                f"the processes were given different run configs: {key} is {theirs.get(key)!r} on rank {other} "
+                f"and {configs[0].get(key)!r} on rank 0 ({len(differ)} field(s) differ): give every process the same"
+            )
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"section.field": value}."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        flat |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return flat
 
 
 def barrier() -> None:

@@ -46,6 +46,8 @@ class Trainer(TrainLoop):
         self.run = run = dataclasses.replace(
             run, model=dataclasses.replace(run.model, vocab_size=self.meta["vocab_size"])
         )
+        if data_parallel:
+            distributed.check_same_config(run_to_dict(run))
         torch.manual_seed(self.cfg.seed)
         self.use_model(Transformer(run.model))
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])

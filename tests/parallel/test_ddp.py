@@ -1,11 +1,14 @@
 """Data-parallel pretraining for real: torchrun starts two CPU processes (gloo) that train on halves
 of each global batch, and the run must follow the single-process run on the same batches."""
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +195,72 @@ def test_torchrun_needs_ddp(config):
     assert result.returncode != 0
     assert result.stderr.count("set parallel.data_parallel: ddp") == 2, result.stderr
     assert no_traceback_of_ours(result.stderr), result.stderr
+
+
+# Each process runs `mistura train` with its own learning rate: what a node with another copy of the config does.
+PER_RANK_LR = (
+    "import os, sys; from mistura.cli import main; lr = 1e-3 * (1 + int(os.environ['RANK'])); "
+    "sys.exit(main(['train', sys.argv[1], '--no-progress', '--set', f'train.lr={lr}']))"
+)
+
+
+def test_processes_given_different_configs_all_refuse(config, tmp_path):
+    script = tmp_path / "per_rank_lr.py"
+    script.write_text(PER_RANK_LR, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+    result = subprocess.run(
+        [*launcher, str(free_port()), str(script), str(config("mixed"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode != 0
+    line = "error: the processes were given different run configs: train.lr is 0.002 on rank 1 and 0.001 on rank 0"
+    assert result.stderr.count(line) == 2, result.stderr  # every process refuses, none waits for the others
+    assert not (tmp_path / "mixed" / "metrics.jsonl").exists()
+
+
+def worker(port: int, rank: int) -> int:
+    """The pid of the torchrun worker of `rank` in the run on `port`, found by its environment."""
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+        except (OSError, ValueError):
+            continue
+        if {f"MASTER_PORT={port}".encode(), f"RANK={rank}".encode()} <= environ:
+            return int(proc.name)
+    raise AssertionError(f"no worker of rank {rank} on port {port}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+@pytest.mark.parametrize(("signal_name", "says"), [("SIGKILL", "by peer"), ("SIGSTOP", "Timed out")])
+def test_a_rank_that_dies_or_hangs_fails_the_run_with_a_clear_error(config, tmp_path, signal_name, says):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    command += ["-m", "mistura.cli", "train", str(config("long", max_steps=100_000, parallel={"timeout_s": 5}))]
+    run = subprocess.Popen(
+        [*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    victim = None
+    try:
+        deadline = time.monotonic() + 60
+        while not [r for r in read_metrics(tmp_path / "long") if "loss" in r]:  # the run is training
+            assert time.monotonic() < deadline and run.poll() is None, "the run did not start"
+            time.sleep(0.2)
+        victim = worker(port, 1)
+        os.kill(victim, getattr(signal, signal_name))
+        _, stderr = run.communicate(timeout=90)  # no hang: the run ends
+    finally:
+        if victim is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        run.kill()
+    assert run.returncode != 0
+    assert "error: rank 0: the process group failed (" in stderr and says in stderr, stderr
+    assert "another process crashed, hangs or quit" in stderr
 
 
 def test_each_process_gets_its_rows_of_the_same_global_batch():
