@@ -36,7 +36,8 @@ and may change what a step logs and what evaluation watches:
 
 Data-parallel (data_parallel=True, inside mistura.parallel.distributed.process_group): the model
 trains wrapped in DistributedDataParallel, each process on its rows of the global batch (the
-subclass's loader gives them); the logged training loss is averaged over the processes, the
+subclass's loader gives them), gradients all-reduced once a step (no_sync over the micro-batches
+of gradient accumulation but the last); the logged training loss is averaged over the processes, the
 experts' loads are summed before their bias step, and the time a step took is the slowest
 process's, so every process follows the same schedule and keeps the same weights. Evaluation runs
 on every process, on the same batches with the same weights, without talking to the others. Rank 0
@@ -152,7 +153,8 @@ class TrainLoop(ABC):
             # No buffer broadcast: the experts' biases stay equal by construction, and each process
             # keeps counting its own expert loads until optimizer_step sums them.
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.model, device_ids=device_ids, **NO_BUFFER_SYNC)
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **NO_BUFFER_SYNC)
+            self.forward = self.ddp
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -242,9 +244,10 @@ class TrainLoop(ABC):
         """One optimizer step; returns the mean main and auxiliary losses and the gradient norm before clipping."""
         set_lr(self.optimizer, lr_at(self.step, self.cfg, self.fraction_done))
         main_total = aux_total = 0.0
-        for _ in range(self.cfg.grad_accum):
-            main, aux = self.loss(self.forward, self.loader.next_batch(), self.cfg.label_smoothing)
-            ((main + aux) / self.cfg.grad_accum).backward()
+        for micro in range(self.cfg.grad_accum):
+            with self._accumulating(last=micro == self.cfg.grad_accum - 1):
+                main, aux = self.loss(self.forward, self.loader.next_batch(), self.cfg.label_smoothing)
+                ((main + aux) / self.cfg.grad_accum).backward()
             main_total, aux_total = main_total + main.item(), aux_total + aux.item()
         grad_norm = self.optimizer_step()
         self.step += 1
@@ -252,6 +255,13 @@ class TrainLoop(ABC):
         if self.data_parallel:  # each process's loss is its slice's: the global batch's is their mean
             main, aux = distributed.reduce_across_ranks([main, aux], "mean")
         return main, aux, grad_norm
+
+    def _accumulating(self, last: bool):
+        """Data-parallel, DDP's no_sync for all but a step's last micro-batch: gradients add up locally and are
+        all-reduced once, with the last backward; else nothing."""
+        if self.data_parallel and not last:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
     def optimizer_step(self) -> float:
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
