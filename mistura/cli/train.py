@@ -40,12 +40,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mistura.fields import parse_overrides
     from mistura.parallel import distributed
     from mistura.train.config import RunConfig
-    from mistura.train.loop import resolve_device
+    from mistura.train.device import resolve_device
 
     if args.teacher_continuations and args.teacher is None:
         raise ConfigError("--teacher-continuations needs --teacher (the model that writes them)")
     run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
-    with distributed.process_group(run.parallel, run.train.batch_size, resolve_device(run.train.device)):
+    parallel, device = run.parallel, resolve_device(run.train.device)
+    with distributed.process_group(parallel.data_parallel, parallel.timeout_s, run.train.batch_size, device):
         summary = make_trainer(run, args).fit(resume=args.resume, progress=not args.no_progress)
         main = distributed.is_main()
     if not main:  # under torchrun, rank 0 reports for all

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from mistura.errors import ConfigError, DistributedError
-
-if TYPE_CHECKING:
-    from mistura.train.config import ParallelConfig
+from mistura.model.moe.router import Router
 
 
 def launched_world_size() -> int:
@@ -79,15 +79,15 @@ def check_layout(data_parallel: str, batch_size: int, world: int | None = None) 
 
 
 @contextlib.contextmanager
-def process_group(parallel: ParallelConfig, batch_size: int, device: torch.device) -> Iterator[bool]:
+def process_group(data_parallel: str, timeout_s: float, batch_size: int, device: torch.device) -> Iterator[bool]:
     """Join torchrun's processes for the length of the block; yields whether the run is data-parallel.
 
     Alone (no torchrun, or one process) it does nothing and yields False. A bad layout
     (see check_layout) is refused before any process waits for another.
     """
     world = launched_world_size()
-    check_layout(parallel.data_parallel, batch_size, world)
-    if parallel.data_parallel != "ddp" or world <= 1:
+    check_layout(data_parallel, batch_size, world)
+    if data_parallel != "ddp" or world <= 1:
         yield False
         return
     if not dist.is_available():
@@ -99,7 +99,7 @@ def process_group(parallel: ParallelConfig, batch_size: int, device: torch.devic
         backend = "gloo"
     else:
         raise ConfigError(f"parallel.data_parallel: ddp runs on cpu or cuda devices, not {device.type}")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=parallel.timeout_s))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield True
     except RuntimeError as err:
@@ -107,7 +107,7 @@ def process_group(parallel: ParallelConfig, batch_size: int, device: torch.devic
             raise
         raise DistributedError(
             f"rank {rank()}: the process group failed ({first_line(err)}): another process crashed, hangs or quit "
-            f"(collectives wait parallel.timeout_s={parallel.timeout_s:g} s); its own error says why"
+            f"(collectives wait parallel.timeout_s={timeout_s:g} s); its own error says why"
         ) from err
     finally:
         dist.destroy_process_group()
@@ -147,6 +147,42 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         flat |= flatten(value, f"{name}.") if isinstance(value, dict) else {name: value}
     return flat
+
+
+# DDP's switch for no buffer sync in forward: its newer name where this PyTorch has it (it still syncs them
+# once at the start, when they are equal anyway), else the older one.
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
+
+
+def data_parallel_model(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """`model` wrapped in DistributedDataParallel, on this process's GPU if it has one. No buffer sync in
+    forward: the experts' biases stay equal by construction, and each process counts its own expert loads
+    until `sum_expert_loads_` adds them up."""
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, **NO_BUFFER_SYNC)
+
+
+def sum_expert_loads_(model: torch.nn.Module) -> None:
+    """The load counts of every balancing router, summed over the processes: the global batch's."""
+    sum_across_ranks_(m.load for m in model.modules() if isinstance(m, Router) and m.config.balance_bias_rate > 0)
+
+
+def quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a process other than rank 0: they all say the same, rank 0 says it once."""
+
+
+class NoMetrics:
+    """The metrics log of a process other than rank 0, which writes nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def barrier() -> None:

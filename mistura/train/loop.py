@@ -34,6 +34,9 @@ and may change what a step logs and what evaluation watches:
     eval_at_start                  evaluate once before the first step too (a run that starts fresh)
     eval_message(record)           the line an evaluation prints
 
+The device and precision a run trains in are mistura.train.device's, its progress bar and
+closing line mistura.train.progress's, its data-parallel plumbing mistura.parallel.distributed's.
+
 Data-parallel (data_parallel=True, inside mistura.parallel.distributed.process_group): the model
 trains wrapped in DistributedDataParallel, each process on its rows of the global batch (the
 subclass's loader gives them), gradients all-reduced once a step (no_sync over the micro-batches
@@ -48,7 +51,6 @@ written, and all of them resume from the same one.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import shutil
 import time
@@ -59,7 +61,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -74,23 +75,16 @@ from mistura.checkpoint import (
 )
 from mistura.errors import ConfigError
 from mistura.model import Transformer
-from mistura.model.moe.router import Router
 from mistura.parallel import distributed
 from mistura.train import state as train_state
 from mistura.train.config import TrainConfig
+from mistura.train.device import autocast_dtype, resolve_device
 from mistura.train.loggers import MetricsLog
 from mistura.train.moe_metrics import MoEMonitor
 from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
+from mistura.train.progress import advance, ending, progress_bar
 
-BUDGET_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
 IGNORE = -100  # a label the loss leaves out (cross-entropy's ignore_index)
-# DDP's switch for no buffer sync in forward: its newer name where this PyTorch has it (it still syncs them
-# once at the start, when they are equal anyway), else the older one.
-NO_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-    else {"broadcast_buffers": False}
-)
 
 
 class Batches(Protocol):
@@ -100,23 +94,6 @@ class Batches(Protocol):
     def next_batch(self) -> Any: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on request, or by default on CUDA devices that support it; else fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
 
 
 class TrainLoop(ABC):
@@ -135,7 +112,7 @@ class TrainLoop(ABC):
             raise RuntimeError("data-parallel training runs inside mistura.parallel.distributed.process_group")
         self.data_parallel = data_parallel
         self.main = not data_parallel or distributed.is_main()  # the process that prints and writes
-        self.cfg, self.log, self.clock = cfg, log if self.main else _quiet, clock
+        self.cfg, self.log, self.clock = cfg, log if self.main else distributed.quiet, clock
         self.out_dir = Path(cfg.out_dir)
         self.device = resolve_device(cfg.device)
         if data_parallel and self.device.type == "cuda" and self.device.index is None:
@@ -150,11 +127,7 @@ class TrainLoop(ABC):
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
         self.forward = self.model
         if self.data_parallel:
-            # No buffer broadcast: the experts' biases stay equal by construction, and each process
-            # keeps counting its own expert loads until optimizer_step sums them.
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids, **NO_BUFFER_SYNC)
-            self.forward = self.ddp
+            self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device)
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -270,9 +243,7 @@ class TrainLoop(ABC):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.data_parallel:  # the global batch's expert loads, so every process takes the same bias step
-            distributed.sum_across_ranks_(
-                m.load for m in self.model.modules() if isinstance(m, Router) and m.config.balance_bias_rate > 0
-            )
+            distributed.sum_expert_loads_(self.model)
         self.model.balance_step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -358,7 +329,7 @@ class TrainLoop(ABC):
         fresh = not self.out_dir.exists()
         metrics = self._open_metrics(resume)
         self.log(self.describe())
-        bar = self._progress_bar(progress and self.main)
+        bar = progress_bar(self.out_dir.name, self.cfg, self.step, self.fraction_done, progress and self.main)
         self.model.train()
         start = self.clock()
         try:
@@ -374,7 +345,7 @@ class TrainLoop(ABC):
         finally:
             bar.close()
             metrics.close()
-        self.log(self._ending())
+        self.log(ending(self.cfg, self.step, self.train_seconds, self.stopped_by_time))
         final = self.evaluate()
         return {
             "steps": self.step,
@@ -395,13 +366,13 @@ class TrainLoop(ABC):
             raise ConfigError(
                 f"{self.out_dir} already holds a run: pass --resume to continue it, or choose another train.out_dir"
             )
-        self._sync()  # every process has looked before rank 0 writes
+        distributed.barrier()  # every process has looked before rank 0 writes
         metrics = MetricsLog(self.out_dir, self.cfg.loggers, self.config_dict(), notice=self.log) if self.main else None
         if resume:
             self.resume()
             if metrics is not None:
                 metrics.drop_after(self.step)
-        return metrics if metrics is not None else _NoMetrics()
+        return metrics if metrics is not None else distributed.NoMetrics()
 
     def _loop(self, metrics: MetricsLog, bar: tqdm, start: float) -> float:
         """Train until the run is done, logging, evaluating and saving on the way; returns the best monitored value."""
@@ -424,31 +395,12 @@ class TrainLoop(ABC):
                 best = value if self.better(value, best) else best
             if self.step % cfg.checkpoint_interval == 0 or last:
                 self.save()
-                self._sync()  # no process runs ahead of the checkpoint it would resume from
-            self._advance(bar)
+                distributed.barrier()  # no process runs ahead of the checkpoint it would resume from
+            advance(bar, self.cfg, self.fraction_done)
         return best
-
-    def _progress_bar(self, enabled: bool) -> tqdm:
-        """Steps out of max_steps; with a time budget, the percentage of the run done, whose end
-        (and so the time left) is whichever of max_steps and the budget comes first."""
-        name = self.out_dir.name
-        if self.cfg.max_minutes is None:
-            return tqdm(total=self.cfg.max_steps, initial=self.step, disable=not enabled, desc=name, unit="step")
-        desc = f"{name} ({self.cfg.max_minutes:g} min or {self.cfg.max_steps} steps)"
-        return tqdm(total=100, initial=100 * self.fraction_done, disable=not enabled, desc=desc, bar_format=BUDGET_BAR)
-
-    def _advance(self, bar: tqdm) -> None:
-        bar.update(1 if self.cfg.max_minutes is None else 100 * self.fraction_done - bar.n)
 
     def _stopped_by(self) -> str:
         return "time_budget" if self.stopped_by_time else "max_steps"
-
-    def _ending(self) -> str:
-        cfg = self.cfg
-        if self.stopped_by_time:
-            return f"stopped by the time budget ({cfg.max_minutes:g} min) at step {self.step} of {cfg.max_steps}"
-        budget = "" if cfg.max_minutes is None else f" of the {cfg.max_minutes:g} min budget"
-        return f"reached max_steps {cfg.max_steps} after {self.train_seconds / 60:.1f} min of training{budget}"
 
     def _train_record(
         self, main: float, aux: float, grad_norm: float, rate: float, elapsed: float, last: bool
@@ -479,11 +431,6 @@ class TrainLoop(ABC):
         self._write(bar, self.eval_message(record))
         return record[self.monitor]
 
-    def _sync(self) -> None:
-        """Data-parallel, wait for every process to get here; else nothing."""
-        if self.data_parallel:
-            distributed.barrier()
-
     def _write(self, bar: tqdm, line: str) -> None:
         """Print a line above the progress bar: rank 0's alone."""
         if self.main:
@@ -491,17 +438,3 @@ class TrainLoop(ABC):
 
     def _eval_record(self) -> dict[str, Any]:
         return {"step": self.step, **self.evaluate(), "tokens": self.tokens_done()}
-
-
-def _quiet(*args: Any, **kwargs: Any) -> None:
-    """The log of a process other than rank 0: they all say the same, rank 0 says it once."""
-
-
-class _NoMetrics:
-    """The metrics log of a process other than rank 0, which writes nothing."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
