@@ -52,3 +52,32 @@ def greedy():
         return torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)], dim=1)
 
     return run
+
+
+def tiny_run(data_dir: Path, model: dict | None = None, **train) -> dict:
+    """A seconds-long `mistura train` run on the prepared small corpus, as a config dict; callers give
+    train's out_dir and override the model and train fields they exercise."""
+    return {
+        "model": {
+            "preset": "llama-tiny",
+            "n_layer": 2,
+            "d_model": 32,
+            "n_head": 4,
+            "n_kv_head": 2,
+            "d_ff": 64,
+            "max_seq_len": 32,
+            **(model or {}),
+        },
+        "data": {"source": "unused", "dir": str(data_dir), "vocab_size": 384},
+        "train": {
+            "batch_size": 4,
+            "max_steps": 12,
+            "warmup_steps": 2,
+            "eval_interval": 6,
+            "eval_batches": 2,
+            "log_interval": 1,
+            "checkpoint_interval": 6,
+            "keep_checkpoints": 2,
+            **train,
+        },
+    }

@@ -24,6 +24,8 @@ from mistura.parallel.distributed import RankSlice, check_layout
 from mistura.train.config import RunConfig
 from mistura.train.loggers import read_metrics
 from mistura.train.trainer import run_to_dict
+from tests.conftest import tiny_run
+from tests.train.test_moe_training import KINDS
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -40,19 +42,7 @@ WEIGHT_ATOL = 1e-5
 MOE_WEIGHT_ATOL = 1e-3
 # The deepseek-style MoE of tests/train/test_moe_training.py, aux-loss-free: sigmoid scores, groups,
 # a shared expert and the selection bias, with its balance losses at 0 (see test_moe_bias_follows_one_process).
-MOE = {
-    "preset": "deepseek-moe-tiny",
-    "moe": {
-        "n_experts": 8,
-        "top_k": 2,
-        "d_expert": 16,
-        "d_shared": 16,
-        "n_groups": 4,
-        "topk_groups": 2,
-        "balance_bias_rate": 0.01,
-        "seq_aux_loss_weight": 0.0,
-    },
-}
+MOE = {**KINDS["deepseek"], "moe": {**KINDS["deepseek"]["moe"], "seq_aux_loss_weight": 0.0}}
 
 
 @pytest.fixture
@@ -60,33 +50,10 @@ def config(prepared, tmp_path):
     """config(name, model=..., parallel=..., **train): a run's YAML file, out_dir tmp_path / name."""
 
     def make(name, model=None, parallel=None, **train):
-        run = {
-            "model": {
-                "preset": "llama-tiny",
-                "n_layer": 2,
-                "d_model": 32,
-                "n_head": 4,
-                "n_kv_head": 2,
-                "d_ff": 64,
-                "max_seq_len": 32,
-                **(model or {}),
-            },
-            "data": {"source": "unused", "dir": str(prepared), "vocab_size": 384},
-            "train": {
-                "out_dir": str(tmp_path / name),
-                "device": "cpu",
-                "batch_size": 4,
-                "max_steps": STEPS,
-                "warmup_steps": 2,
-                "eval_interval": 10,
-                "eval_batches": 2,
-                "log_interval": 1,
-                "checkpoint_interval": 10,
-                **train,
-            },
-            "sample": {"prompts": ["Capitu"], "max_new_tokens": 2},
-            "parallel": {"data_parallel": "ddp", "timeout_s": 60, **(parallel or {})},
-        }
+        ddp_run = {"device": "cpu", "max_steps": STEPS, "eval_interval": 10, "checkpoint_interval": 10}
+        run = tiny_run(prepared, model, out_dir=str(tmp_path / name), **(ddp_run | train))
+        run["sample"] = {"prompts": ["Capitu"], "max_new_tokens": 2}
+        run["parallel"] = {"data_parallel": "ddp", "timeout_s": 60, **(parallel or {})}
         path = tmp_path / f"{name}.yaml"
         path.write_text(json.dumps(run), encoding="utf-8")  # JSON is YAML
         return path
