@@ -159,7 +159,7 @@ class RLTrainer(TunedLoop):
     @property
     def policy(self) -> Transformer:
         """The language model that samples the replies (PPO's without its value head)."""
-        return self.model.backbone if isinstance(self.model, PolicyWithValue) else self.model
+        return language_model(self.model)
 
     # ---- one step: rollout, advantages, updates
 
@@ -207,11 +207,10 @@ class RLTrainer(TunedLoop):
     def rollout(self, model: torch.nn.Module, prompts: Sequence[Prompt], group: int, seed: int) -> Rollout:
         """Sample `group` replies to each prompt with `model`'s policy, score them and read them (no update)."""
         s = self.settings
-        policy = model.backbone if isinstance(model, PolicyWithValue) else model
         rows = [prompt for prompt in prompts for _ in range(group)]
         sampling = Sampling(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=None, seed=seed)
         with evaluating(model):
-            replies = generate(policy, [prompt.ids for prompt in rows], sampling, self.eos_id)
+            replies = generate(language_model(model), [prompt.ids for prompt in rows], sampling, self.eos_id)
             ended = [bool(reply) and reply[-1] == self.eos_id for reply in replies]
             texts = [self.tokenizer.decode(r[:-1] if end else r) for r, end in zip(replies, ended, strict=True)]
             scores = self.reward([prompt.text for prompt in rows], texts, **columns(rows)).to(self.device)
@@ -335,6 +334,11 @@ class RLTrainer(TunedLoop):
             f"{s.group_size} replies of at most {s.max_new_tokens} tokens | {len(self.train_prompts)} training "
             f"prompts, {len(self.val_prompts)} held out"
         )
+
+
+def language_model(model: torch.nn.Module) -> Transformer:
+    """The Transformer that samples: PPO's policy without its value head, GRPO's model itself."""
+    return model.backbone if isinstance(model, PolicyWithValue) else model
 
 
 @contextmanager

@@ -68,12 +68,6 @@ def passage_words(text: str, count: int, words: int) -> list[list[str]]:
     return [tokens[start : start + words] for start in starts]
 
 
-def passages(text: str, count: int, words: int) -> list[str]:
-    """`count` passages of `words` consecutive words of `text`, evenly spaced from its start to its end,
-    each on one line (the text's line breaks become spaces)."""
-    return [" ".join(run) for run in passage_words(text, count, words)]
-
-
 def example(passage: str, work: str) -> Record:
     """One conversation of machado-obras, with the work's corpus name beside it (ignored by fine-tuning)."""
     return {

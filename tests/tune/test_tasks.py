@@ -19,7 +19,7 @@ from mistura.tune.tasks import (
     TEST_SHARE,
     WORKS,
     build_task,
-    passages,
+    passage_words,
     scramble,
     write_task,
 )
@@ -44,13 +44,13 @@ def test_the_task_is_deterministic_and_no_passage_is_in_both_halves(corpus):
 
 def test_passages_are_evenly_spaced_and_do_not_overlap():
     text = " ".join(f"w{i}" for i in range(100))
-    assert passages(text, 3, 10) == [
-        " ".join(f"w{i}" for i in range(0, 10)),
-        " ".join(f"w{i}" for i in range(45, 55)),
-        " ".join(f"w{i}" for i in range(90, 100)),
+    assert passage_words(text, 3, 10) == [
+        [f"w{i}" for i in range(0, 10)],
+        [f"w{i}" for i in range(45, 55)],
+        [f"w{i}" for i in range(90, 100)],
     ]
     with pytest.raises(DataError, match="cannot give 11 passages of 10 words"):
-        passages(text, 11, 10)
+        passage_words(text, 11, 10)
 
 
 def test_write_task_writes_both_halves_as_fine_tuning_data_into_a_new_folder(corpus, tmp_path, monkeypatch):
