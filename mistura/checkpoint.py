@@ -10,6 +10,10 @@ and so on, listed by `model.safetensors.index.json`: Hugging Face's layout, whic
 conversions write (see mistura.shards); training writes the single file. Loading
 reads either, one tensor at a time, and the manifest covers every shard and the index.
 
+A sharded training run (parallel.data_parallel: fsdp) writes its weights as a distributed
+checkpoint instead, one safetensors file of shards per process in `<dir>/shards/` (see
+mistura.parallel.dcp); loading reads those files into the whole model just the same.
+
 Training runs add their state files (see mistura.train.state). A run directory keeps
 its checkpoints as `<run>/checkpoints/step-XXXXXXX`; anything that takes a checkpoint
 also takes the run directory and uses its latest checkpoint.
@@ -28,11 +32,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -43,6 +49,7 @@ from mistura.model import Transformer
 from mistura.shards import WeightFiles
 
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # a distributed checkpoint's folder of per-process safetensors files
 STEP_PREFIX = "step-"
 WEIGHTS_METADATA = {"format": "pt", "mistura": "1"}
 
@@ -56,8 +63,8 @@ def checkpoint_directory(final: Path) -> Iterator[Path]:
 
 
 def _write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
@@ -97,8 +104,13 @@ def _is_entry(entry: object) -> bool:
 
 def write_model(directory: Path, model: Transformer, tokenizer_file: Path | None = None) -> None:
     """Write config.json, model.safetensors and (if given) tokenizer.json into `directory`."""
-    write_config(directory, model.config)
+    write_model_info(directory, model.config, tokenizer_file)
     save_file(weights_of(model), directory / "model.safetensors", metadata=WEIGHTS_METADATA)
+
+
+def write_model_info(directory: Path, config: ModelConfig, tokenizer_file: Path | None = None) -> None:
+    """Write the files beside a model's weights: config.json and (if given) tokenizer.json."""
+    write_config(directory, config)
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
 
@@ -171,16 +183,39 @@ def read_config(directory: Path) -> ModelConfig:
 
 @torch.no_grad()
 def load_weights(directory: Path, model: Transformer) -> None:
-    """Copy a checkpoint's weights into `model`: model.safetensors, or the shards its index lists.
+    """Copy a checkpoint's weights into `model`: model.safetensors, the shards its index lists, or a
+    distributed checkpoint's files.
 
     Every name and shape is checked before the first copy; then one tensor at a time is
     read, so loading needs little memory beyond the model's.
     """
+    if is_distributed(directory):
+        return _load_distributed(directory, model)
     state = model.state_dict()
     with WeightFiles(directory) as files:
         check_shapes(files.shapes, {name: tuple(state[name].shape) for name in stored_names(model)}, str(directory))
         for name in files.shapes:
             state[name].copy_(files.read(name))
+
+
+def is_distributed(directory: Path) -> bool:
+    """Whether a checkpoint directory is a distributed checkpoint (see mistura.parallel.dcp)."""
+    return (directory / SHARDS).is_dir()
+
+
+def _load_distributed(directory: Path, model: Transformer) -> None:
+    """The "model" tensors of a distributed checkpoint, whole, into this process's `model`."""
+    reader = dcp.HuggingFaceStorageReader(str(directory / SHARDS))
+    try:
+        stored = reader.read_metadata().state_dict_metadata
+    except (SafetensorError, OSError, ValueError, KeyError) as err:  # a shard's header unreadable or not DCP's
+        raise CheckpointError(f"{directory / SHARDS}: not a readable distributed checkpoint ({err})") from err
+    shapes = {name[len("model.") :]: tuple(meta.size) for name, meta in stored.items() if name.startswith("model.")}
+    state = {name: tensor for name, tensor in model.state_dict().items() if name in stored_names(model)}
+    check_shapes(shapes, {name: tuple(tensor.shape) for name, tensor in state.items()}, str(directory))
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": state}, storage_reader=reader, no_dist=True)
 
 
 def read_weights(path: Path, model: Transformer) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Checkpoint formats: `mistura convert KIND` moves weights between mistura and Hugging Face
-folders (and between bf16 and DeepSeek's FP8 blocks), and `mistura quantize` writes a
+folders (and between bf16 and DeepSeek's FP8 blocks, and from a distributed checkpoint's shards
+to one folder), and `mistura quantize` writes a
 checkpoint with fp8, int8 or int4 weights that mistura.load reads.
 """
 
@@ -16,6 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="conversion", required=True)
     add_hf_conversions(kinds)
     add_fp8_conversions(kinds)
+    c = kinds.add_parser(
+        "from-distributed", help="a distributed checkpoint (an fsdp run's per-process shards) to one checkpoint folder"
+    )
+    add_folders(c, checkpoint="distributed checkpoint, or the run that wrote it", out_dir="new checkpoint directory")
+    c.set_defaults(func=cmd_convert_from_distributed)
 
     p = sub.add_parser("quantize", help="quantise a checkpoint's weights to fp8, int8 or int4 (mistura.load reads it)")
     add_folders(p, checkpoint="checkpoint, run or Hugging Face folder", out="new checkpoint directory")
@@ -102,6 +108,17 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
 def shard_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of mistura.convert.hf's from_hf and to_hf that add_shard_options sets."""
     return {"max_shard_size": args.max_shard_size, "progress": not args.no_progress}
+
+
+def cmd_convert_from_distributed(args: argparse.Namespace) -> None:
+    from mistura.checkpoint import is_distributed, load_checkpoint, resolve, save_model
+    from mistura.errors import CheckpointError
+
+    source = resolve(args.checkpoint)
+    if not is_distributed(source):
+        raise CheckpointError(f"{source} is not a distributed checkpoint (no shards/ folder): it is whole already")
+    out = save_model(args.out_dir, load_checkpoint(source), source / "tokenizer.json")
+    print(f"mistura checkpoint written to {out}")
 
 
 def cmd_convert_fp8(args: argparse.Namespace) -> None:

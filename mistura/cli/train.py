@@ -1,7 +1,7 @@
 """`mistura train`: train a model from a YAML run config (optionally distilling a teacher),
 then print the validation loss and a sample per configured prompt.
 
-Data-parallel, with parallel.data_parallel: ddp in the config:
+Data-parallel, with parallel.data_parallel: ddp or fsdp in the config:
     torchrun --nproc-per-node N -m mistura.cli train CONFIG.yaml
 """
 

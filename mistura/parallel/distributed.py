@@ -1,6 +1,6 @@
 """Data-parallel training across the processes torchrun starts.
 
-    torchrun --nproc-per-node N -m mistura.cli train CONFIG.yaml      (with parallel.data_parallel: ddp)
+    torchrun --nproc-per-node N -m mistura.cli train CONFIG.yaml      (with parallel.data_parallel: ddp or fsdp)
 
 torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in each process;
 `process_group` joins them into the default process group (gloo on the CPU, NCCL on CUDA, each
@@ -12,8 +12,9 @@ left; processes given different run configs are refused on every one of them
 
 Every process draws the same global batch (train.batch_size rows, from the same seeded
 loader) and trains on its own contiguous rows of it (`RankSlice`); DistributedDataParallel
-averages the gradients, which over equal slices is the global batch's mean, so a run on N
-processes follows the single-process run: same data order, same updates up to float rounding.
+(or FSDP2, see mistura.parallel.sharded) averages the gradients, which over equal slices is the
+global batch's mean, so a run on N processes follows the single-process run: same data order,
+same updates up to float rounding.
 Outside a process group every helper here is the single-process case (rank 0 of 1).
 """
 
@@ -69,7 +70,7 @@ def check_layout(data_parallel: str, batch_size: int, world: int | None = None) 
     if data_parallel == "none":
         raise ConfigError(
             f"running under torchrun with {world} processes, but parallel.data_parallel is none: "
-            "set parallel.data_parallel: ddp to train data-parallel (or run a single process)"
+            "set parallel.data_parallel: ddp or fsdp to train data-parallel (or run a single process)"
         )
     if batch_size % world:
         raise ConfigError(
@@ -87,18 +88,18 @@ def process_group(data_parallel: str, timeout_s: float, batch_size: int, device:
     """
     world = launched_world_size()
     check_layout(data_parallel, batch_size, world)
-    if data_parallel != "ddp" or world <= 1:
+    if data_parallel == "none" or world <= 1:
         yield False
         return
     if not dist.is_available():
-        raise ConfigError("parallel.data_parallel: ddp needs torch.distributed, which this PyTorch build lacks")
+        raise ConfigError(f"parallel.data_parallel: {data_parallel} needs torch.distributed, which this PyTorch lacks")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise ConfigError(f"parallel.data_parallel: ddp runs on cpu or cuda devices, not {device.type}")
+        raise ConfigError(f"parallel.data_parallel: {data_parallel} runs on cpu or cuda devices, not {device.type}")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield True

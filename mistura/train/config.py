@@ -105,14 +105,26 @@ class ParallelConfig:
     none: one process; under torchrun (WORLD_SIZE > 1) that is an error, not N copies of the run.
     ddp: each process trains on its rows of every global batch (train.batch_size, divisible by the
     number of processes) and DistributedDataParallel averages the gradients; run alone, one process.
+    fsdp: the same rows, but each process holds only its shard of every parameter, gradient and
+    optimizer moment (FSDP2's fully_shard, ZeRO-3), and checkpoints are distributed: each process
+    writes its shards (see mistura.parallel.fsdp and dcp). mixed_precision bf16 runs the forward and
+    backward on bf16 copies of the gathered parameters and reduces the gradients in fp32;
+    cpu_offload keeps the shards, their gradients and the optimizer state in CPU memory.
     """
 
-    data_parallel: Literal["none", "ddp"] = "none"
+    data_parallel: Literal["none", "ddp", "fsdp"] = "none"
+    mixed_precision: Literal["none", "bf16"] = "none"  # fsdp: the dtype of gathered parameters
+    cpu_offload: bool = False  # fsdp: shards, gradients and optimizer state in CPU memory
     timeout_s: float = 300.0  # how long a collective waits for the other processes: a dead one fails the run
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout_s < math.inf:
             raise ConfigError(f"parallel.timeout_s: must be a positive number of seconds, got {self.timeout_s}")
+        if self.data_parallel != "fsdp" and (self.mixed_precision != "none" or self.cpu_offload):
+            raise ConfigError(
+                "parallel.mixed_precision and parallel.cpu_offload are FSDP's: set parallel.data_parallel: fsdp "
+                "(train.precision sets the autocast dtype of a ddp or single-process run)"
+            )
 
 
 @dataclass

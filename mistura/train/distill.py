@@ -46,7 +46,7 @@ class DistillationTrainer(Trainer):
     with `continuations` > 0, half on that many greedy continuations by the teacher, half on the text."""
 
     def __init__(self, run: RunConfig, teacher: Transformer, continuations: int = 0, log=print):
-        if run.parallel.data_parallel == "ddp" and distributed.launched_world_size() > 1:
+        if run.parallel.data_parallel != "none" and distributed.launched_world_size() > 1:
             raise ConfigError("distillation (--teacher) does not run data-parallel yet: train it in one process")
         super().__init__(run, log)
         if teacher.config.vocab_size != self.run.model.vocab_size:

@@ -23,6 +23,7 @@ mistura.tune.sft.FineTuner fine-tunes):
                                    positions whose label is IGNORE left out
     validation_batches()           the batches evaluate() averages the loss over, the same each time
     save_model_files(dir, model)   the model's files in a checkpoint; load_model_files reads them back
+    save_model_info(dir)           a sharded run's: the files beside the weights of a distributed checkpoint
     tokens_done(), config_dict(), describe()
 
 and may change what a step logs and what evaluation watches:
@@ -37,15 +38,19 @@ and may change what a step logs and what evaluation watches:
 The device and precision a run trains in are mistura.train.device's, its progress bar and
 closing line mistura.train.progress's, its data-parallel plumbing mistura.parallel.distributed's.
 
-Data-parallel (data_parallel=True, inside mistura.parallel.distributed.process_group): the model
-trains wrapped in DistributedDataParallel, each process on its rows of the global batch (the
-subclass's loader gives them), gradients all-reduced once a step (no_sync over the micro-batches
-of gradient accumulation but the last); the logged training loss is averaged over the processes, the
+Data-parallel (given the run's parallel section, inside mistura.parallel.distributed.process_group):
+each process trains on its rows of the global batch (the subclass's loader gives them). With ddp
+the model trains wrapped in DistributedDataParallel, gradients all-reduced once a step (no_sync over
+the micro-batches of gradient accumulation but the last); with fsdp it is sharded in place (see
+mistura.parallel.fsdp), gradients reduce-scattered to their shards after each backward, the clipping
+norm taken over every shard, the EMA average sharded alike, and every checkpoint distributed (see
+mistura.parallel.dcp). The logged training loss is averaged over the processes, the
 experts' loads are summed before their bias step, and the time a step took is the slowest
 process's, so every process follows the same schedule and keeps the same weights. Evaluation runs
-on every process, on the same batches with the same weights, without talking to the others. Rank 0
-alone prints, writes metrics.jsonl and checkpoints; the others wait for each checkpoint to be
-written, and all of them resume from the same one.
+on every process, on the same batches with the same weights (sharded, gathering them as it goes).
+Rank 0 alone prints and writes metrics.jsonl; it writes the checkpoints too, except a distributed
+one's shards, which each process writes; all of them wait for each checkpoint to be in place, and
+resume from the same one. A distributed checkpoint resumes at any number of processes, one included.
 """
 
 from __future__ import annotations
@@ -68,16 +73,17 @@ from mistura.checkpoint import (
     STEP_PREFIX,
     checkpoint_directory,
     complete_weights,
+    is_distributed,
     latest_checkpoint,
     read_weights,
     verify,
     weights_of,
 )
-from mistura.errors import ConfigError
+from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
-from mistura.parallel import distributed
+from mistura.parallel import dcp, distributed, fsdp
 from mistura.train import state as train_state
-from mistura.train.config import TrainConfig
+from mistura.train.config import ParallelConfig, TrainConfig
 from mistura.train.device import autocast_dtype, resolve_device
 from mistura.train.loggers import MetricsLog
 from mistura.train.moe_metrics import MoEMonitor
@@ -106,11 +112,14 @@ class TrainLoop(ABC):
         cfg: TrainConfig,
         log=print,
         clock: Callable[[], float] = time.perf_counter,
-        data_parallel: bool = False,
+        parallel: ParallelConfig | None = None,
     ):
-        if data_parallel and not distributed.initialized():
+        """`parallel`: the run's parallel section when it trains on several processes, else None."""
+        if parallel is not None and not distributed.initialized():
             raise RuntimeError("data-parallel training runs inside mistura.parallel.distributed.process_group")
-        self.data_parallel = data_parallel
+        self.parallel = parallel
+        self.data_parallel = data_parallel = parallel is not None
+        self.sharded = data_parallel and parallel.data_parallel == "fsdp"
         self.main = not data_parallel or distributed.is_main()  # the process that prints and writes
         self.cfg, self.log, self.clock = cfg, log if self.main else distributed.quiet, clock
         self.out_dir = Path(cfg.out_dir)
@@ -125,17 +134,26 @@ class TrainLoop(ABC):
         """Train `model` (its parameters that require gradients): on the device, with its optimizer and EMA."""
         self.model = model.to(self.device)
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
-        self.forward = self.model
-        if self.data_parallel:
-            self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device)
-        if self.cfg.compile:
-            self.forward = torch.compile(self.forward)
-        self.optimizer = build_optimizer(self.model, self.cfg)
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=False)
             if self.cfg.ema_decay is not None
             else None
         )
+        self.forward, self.ddp = self.model, None
+        if self.sharded and self.parallel.cpu_offload and self.device.type == "cpu":
+            raise ConfigError(
+                "parallel.cpu_offload keeps the shards in CPU memory while a GPU computes: this run trains on the CPU, "
+                "where they are already"
+            )
+        if self.sharded:  # the average too, shard for shard, before the optimizer takes the shards
+            for module in (self.model, self.averaged):
+                if module is not None:
+                    fsdp.shard_model(module, self.parallel.mixed_precision, self.parallel.cpu_offload)
+        elif self.data_parallel:
+            self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device)
+        if self.cfg.compile:
+            self.forward = torch.compile(self.forward)
+        self.optimizer = build_optimizer(self.model, self.cfg)
         self.moe_monitor = MoEMonitor([i for i, kind in enumerate(model.config.layer_mlp) if kind != "dense"])
 
     @abstractmethod
@@ -178,6 +196,10 @@ class TrainLoop(ABC):
         """Restore what `extra_state` saved: by default there is nothing to restore."""
         return None
 
+    def save_model_info(self, directory: Path) -> None:
+        """The files a distributed checkpoint holds beside the shards (config, tokenizer): a sharded run's."""
+        raise ConfigError(f"{type(self).__name__} does not train sharded (parallel.data_parallel: fsdp)")
+
     def load_model_files(self, directory: Path, model: Transformer) -> None:
         """Read the weights `save_model_files` wrote into `model`: by default a native model.safetensors."""
         model.load_state_dict(read_weights(directory / "model.safetensors", model))
@@ -192,9 +214,14 @@ class TrainLoop(ABC):
         return self.fraction_done >= 1.0 and self.step < self.cfg.max_steps
 
     @property
+    def averaged(self) -> Transformer | None:
+        """The EMA average of the weights, None without EMA."""
+        return self.ema.module if self.ema is not None else None
+
+    @property
     def eval_model(self) -> Transformer:
         """The weights evaluation and checkpoints use: the EMA average when enabled."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.averaged if self.averaged is not None else self.model
 
     def loss(self, model: torch.nn.Module, batch: Any, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-entropy of a batch (x, y), labels IGNORE left out, and the experts' auxiliary loss
@@ -232,14 +259,14 @@ class TrainLoop(ABC):
     def _accumulating(self, last: bool):
         """Data-parallel, DDP's no_sync for all but a step's last micro-batch: gradients add up locally and are
         all-reduced once, with the last backward; else nothing."""
-        if self.data_parallel and not last:
+        if self.ddp is not None and not last:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def optimizer_step(self) -> float:
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = fsdp.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.data_parallel:  # the global batch's expert loads, so every process takes the same bias step
@@ -269,6 +296,7 @@ class TrainLoop(ABC):
         train_window = self.moe_monitor
         self.moe_monitor = MoEMonitor(train_window.layers)
         losses = [self.loss(model, batch, 0.0)[0].item() for batch in self.validation_batches()]
+        fsdp.reshard(model)
         model.train(was_training)
         val_loss = sum(losses) / len(losses)
         metrics = {"val_loss": val_loss, "val_ppl": math.exp(val_loss)}
@@ -277,30 +305,47 @@ class TrainLoop(ABC):
         return metrics
 
     def save(self) -> Path:
-        """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints (rank 0 alone)."""
+        """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints: rank 0 alone,
+        or each process its shards of a distributed checkpoint."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
-        if not self.main:
-            return final
-        with checkpoint_directory(final) as tmp:
-            self.save_model_files(tmp, self.eval_model)
-            extra = {}
-            if self.ema is not None:  # the model files hold the average; keep the raw weights to resume
-                extra = {f"raw.{k}": v for k, v in weights_of(self.model).items()}
-                extra["ema.n_averaged"] = self.ema.n_averaged
-            train_state.save_state(
-                tmp,
-                step=self.step,
-                train_seconds=self.train_seconds,
-                optimizer=self.optimizer,
-                loader_state=self.loader.state_dict(),
-                run_config=self.config_dict(),
-                extra_tensors=extra,
-                extra_state=self.extra_state(),
-            )
-        old = sorted((self.out_dir / "checkpoints").glob(f"{STEP_PREFIX}*"))[: -self.cfg.keep_checkpoints]
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
+        if self.sharded:
+            tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged)
+            dcp.save(final, tensors, lambda tmp: self._save_beside_shards(tmp, param_groups))
+        elif self.main:
+            with checkpoint_directory(final) as tmp:
+                self.save_model_files(tmp, self.eval_model)
+                raw = {} if self.ema is None else {f"raw.{k}": v for k, v in weights_of(self.model).items()}
+                self._save_state(tmp, self.optimizer, raw)  # with EMA, the raw weights to resume from
+        if self.main:
+            old = sorted((self.out_dir / "checkpoints").glob(f"{STEP_PREFIX}*"))[: -self.cfg.keep_checkpoints]
+            for path in old:
+                shutil.rmtree(path, ignore_errors=True)
         return final
+
+    def _save_beside_shards(self, directory: Path, param_groups: list[dict[str, Any]]) -> None:
+        """Rank 0's files of a distributed checkpoint: the model's config and tokenizer, the training state."""
+        self.save_model_info(directory)
+        self._save_state(directory, param_groups)
+
+    def _save_state(
+        self,
+        directory: Path,
+        optimizer: torch.optim.Optimizer | list[dict[str, Any]],
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        extra = dict(tensors or {})
+        if self.ema is not None:
+            extra["ema.n_averaged"] = self.ema.n_averaged
+        train_state.save_state(
+            directory,
+            step=self.step,
+            train_seconds=self.train_seconds,
+            optimizer=optimizer,
+            loader_state=self.loader.state_dict(),
+            run_config=self.config_dict(),
+            extra_tensors=extra,
+            extra_state=self.extra_state(),
+        )
 
     def resume(self) -> None:
         """Restore the latest checkpoint of out_dir; with none, the run starts from step 0."""
@@ -310,20 +355,33 @@ class TrainLoop(ABC):
             return
         verify(directory)
         meta, tensors = train_state.load_state(directory)
-        if self.ema is not None:
-            self.load_model_files(directory, self.ema.module)
-            self.ema.n_averaged.copy_(tensors["ema.n_averaged"])
-            raw = {k[len("raw.") :]: v for k, v in tensors.items() if k.startswith("raw.")}
-            self.model.load_state_dict(complete_weights(raw, self.model, f"{directory} (raw weights)"))
+        if is_distributed(directory):
+            dcp.restore(directory, meta["optimizer"]["param_groups"], self.model, self.optimizer, self.averaged)
+        elif self.sharded:
+            raise CheckpointError(
+                f"{directory} is a single-process checkpoint and a sharded run (parallel.data_parallel: fsdp) "
+                "resumes distributed checkpoints only: resume it with parallel.data_parallel ddp or none"
+            )
         else:
-            self.load_model_files(directory, self.model)
-        train_state.restore_optimizer(self.optimizer, meta, tensors)
+            self._load_full(directory, meta, tensors)
+        if self.ema is not None:
+            self.ema.n_averaged.copy_(tensors["ema.n_averaged"])
         train_state.restore_rng(tensors)
         self.loader.load_state_dict(meta["loader"])
         self.load_extra_state(meta.get("extra", {}))
         self.step = meta["step"]
         self.train_seconds = train_state.train_seconds(meta)
         self.log(f"resumed from {directory} at step {self.step} ({self.train_seconds:.0f} s of training)")
+
+    def _load_full(self, directory: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """The weights and optimizer of a checkpoint one process wrote."""
+        if self.ema is not None:
+            self.load_model_files(directory, self.averaged)
+            raw = {k[len("raw.") :]: v for k, v in tensors.items() if k.startswith("raw.")}
+            self.model.load_state_dict(complete_weights(raw, self.model, f"{directory} (raw weights)"))
+        else:
+            self.load_model_files(directory, self.model)
+        train_state.restore_optimizer(self.optimizer, meta, tensors)
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict[str, Any]:
         fresh = not self.out_dir.exists()

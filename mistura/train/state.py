@@ -7,6 +7,9 @@
                               (non-averaged) weights, since model.safetensors then
                               holds the average
 
+A distributed checkpoint (see mistura.parallel.dcp) keeps the optimizer's tensors and the raw
+weights in its shards instead; its train_state.safetensors holds the RNG states alone.
+
 Tensors go to safetensors and everything else to JSON: nothing is pickled, so a
 checkpoint from an untrusted source cannot run code when loaded.
 """
@@ -32,25 +35,22 @@ def save_state(
     *,
     step: int,
     train_seconds: float,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[dict[str, Any]],
     loader_state: dict[str, Any],
     run_config: dict[str, Any],
     extra_tensors: dict[str, torch.Tensor] | None = None,
     extra_state: dict[str, Any] | None = None,
 ) -> None:
     """Write the training state into `directory` (tensors: optimizer.*, rng.*, and `extra_tensors` as given;
-    `extra_state`, JSON values, under "extra")."""
-    opt = optimizer.state_dict()
+    `extra_state`, JSON values, under "extra"). For a distributed checkpoint, whose shards hold the optimizer's
+    tensors, `optimizer` is its param groups alone."""
     tensors = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, slots in opt["state"].items():
-        for key, value in slots.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer_meta = _add_optimizer(optimizer, tensors)
+    else:
+        optimizer_meta = {"param_groups": optimizer, "scalars": {}}
     for name, value in (extra_tensors or {}).items():
         tensors[name] = value.detach().contiguous().cpu()
     save_file(tensors, directory / STATE_TENSORS)
@@ -58,11 +58,24 @@ def save_state(
         "step": step,
         "train_seconds": train_seconds,
         "loader": loader_state,
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        "optimizer": optimizer_meta,
         "run_config": run_config,
         "extra": extra_state or {},
     }
     (directory / STATE_JSON).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+
+def _add_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Put the optimizer's tensors into `tensors` (optimizer.<index>.<slot>); the rest, as JSON values."""
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, slots in opt["state"].items():
+        for key, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return {"param_groups": opt["param_groups"], "scalars": scalars}
 
 
 def load_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

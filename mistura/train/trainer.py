@@ -6,7 +6,7 @@ same ones at every evaluation. The loop itself, with its logging, evaluation, ch
 time budget and exact resume, is mistura.train.loop's; a checkpoint's model files are the
 native checkpoint's with the data's tokenizer.
 
-With parallel.data_parallel: ddp under torchrun (see mistura.parallel.distributed), every
+With parallel.data_parallel: ddp or fsdp under torchrun (see mistura.parallel.distributed), every
 process draws the same global batch and trains on its rows of it; rank 0 prepares the data
 first, the others then read it.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mistura.checkpoint import write_model
+from mistura.checkpoint import write_model, write_model_info
 from mistura.data.bins import BatchLoader, open_tokens
 from mistura.data.prepare import load_meta, prepare
 from mistura.errors import ConfigError
@@ -35,8 +35,8 @@ from mistura.train.loop import TrainLoop
 class Trainer(TrainLoop):
     def __init__(self, run: RunConfig, log=print, clock: Callable[[], float] = time.perf_counter):
         distributed.check_layout(run.parallel.data_parallel, run.train.batch_size)
-        data_parallel = run.parallel.data_parallel == "ddp" and distributed.launched_world_size() > 1
-        super().__init__(run.train, log, clock, data_parallel=data_parallel)
+        data_parallel = run.parallel.data_parallel != "none" and distributed.launched_world_size() > 1
+        super().__init__(run.train, log, clock, parallel=run.parallel if data_parallel else None)
         if self.device.type == "cpu" and self.cfg.retain_cpu_memory:
             retain_freed_memory()
         with distributed.main_first():  # rank 0 prepares the data, if it must, before the others read it
@@ -68,6 +68,9 @@ class Trainer(TrainLoop):
     def save_model_files(self, directory: Path, model: Transformer) -> None:
         write_model(directory, model, self.data_dir / "tokenizer.json")
 
+    def save_model_info(self, directory: Path) -> None:
+        write_model_info(directory, self.run.model, self.data_dir / "tokenizer.json")
+
     def tokens_done(self) -> int:
         return self.step * self.tokens_per_step
 
@@ -79,7 +82,9 @@ class Trainer(TrainLoop):
         amp = "bf16 autocast" if self.amp_dtype else "fp32"
         cfg = self.cfg
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
-        ddp = f" | data-parallel over {distributed.world_size()} processes" if self.data_parallel else ""
+        ddp = ""
+        if self.data_parallel:
+            ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
         return (
             f"model {self.run.model.name}: {n_params / 1e6:.2f}M parameters | device {self.device} ({amp}) | "
             f"{cfg.max_steps} steps{budget} of {cfg.batch_size * cfg.grad_accum} x {self.run.model.max_seq_len} tokens"

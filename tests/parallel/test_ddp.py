@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 import mistura
 from mistura.data.bins import BatchLoader
@@ -24,94 +22,28 @@ from mistura.parallel.distributed import RankSlice, check_layout
 from mistura.train.config import RunConfig
 from mistura.train.loggers import read_metrics
 from mistura.train.trainer import run_to_dict
-from tests.conftest import tiny_run
-from tests.train.test_moe_training import KINDS
+from tests.parallel.conftest import (
+    MOE,
+    MOE_WEIGHT_ATOL,
+    STEPS,
+    assert_same_run,
+    final_weights,
+    mistura_train,
+    train_losses,
+    trained,
+)
+from tests.parallel.spawn import free_port
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
-
-STEPS = 20
-# fp32 sums taken in another order (two half-batch means averaged, not one mean): the loss curves and the
-# weights agree to float rounding, which 20 Adam steps amplify a little.
-LOSS_RTOL = 1e-5
-WEIGHT_ATOL = 1e-5
-# With two micro-batches a step, a few gradient elements of the MoE are sums that cancel to ~1e-9, pure
-# rounding noise, whose sign Adam's first steps (lr * g / (|g| + eps)) turn into updates of up to ~lr / 10:
-# measured 1.5e-4 on the final weights (lr 3e-3), while the losses still agree to 1.4e-6 and the biases exactly.
-MOE_WEIGHT_ATOL = 1e-3
-# The deepseek-style MoE of tests/train/test_moe_training.py, aux-loss-free: sigmoid scores, groups,
-# a shared expert and the selection bias, with its balance losses at 0 (see test_moe_bias_follows_one_process).
-MOE = {**KINDS["deepseek"], "moe": {**KINDS["deepseek"]["moe"], "seq_aux_loss_weight": 0.0}}
-
-
-@pytest.fixture
-def config(prepared, tmp_path):
-    """config(name, model=..., parallel=..., **train): a run's YAML file, out_dir tmp_path / name."""
-
-    def make(name, model=None, parallel=None, **train):
-        ddp_run = {"device": "cpu", "max_steps": STEPS, "eval_interval": 10, "checkpoint_interval": 10}
-        run = tiny_run(prepared, model, out_dir=str(tmp_path / name), **(ddp_run | train))
-        run["sample"] = {"prompts": ["Capitu"], "max_new_tokens": 2}
-        run["parallel"] = {"data_parallel": "ddp", "timeout_s": 60, **(parallel or {})}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(json.dumps(run), encoding="utf-8")  # JSON is YAML
-        return path
-
-    return make
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mistura_train(config, processes=None, *args):
-    """`python -m mistura.cli train config`, under torchrun with `processes` processes when given."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if processes is not None:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    command = [*launcher, "-m", "mistura.cli", "train", str(config), "--no-progress", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-
-
-def trained(config, processes=None, *args):
-    result = mistura_train(config, processes, *args)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def train_losses(out_dir) -> list[float]:
-    records = [r for r in read_metrics(out_dir) if "loss" in r]
-    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    return [r["loss"] for r in records]
-
-
-def final_weights(out_dir) -> dict[str, torch.Tensor]:
-    return load_file(out_dir / f"checkpoints/step-{STEPS:07d}/model.safetensors")
-
-
-def assert_same_run(one, two, weight_atol=WEIGHT_ATOL):
-    """Two runs' training losses and final weights agree to fp32 rounding; returns the largest differences."""
-    a, b = train_losses(one), train_losses(two)
-    loss_gap = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    assert loss_gap <= LOSS_RTOL, (a, b)
-    wa, wb = final_weights(one), final_weights(two)
-    assert wa.keys() == wb.keys()
-    weight_gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    assert weight_gap <= weight_atol
-    return loss_gap, weight_gap, wa, wb
-
 
 def test_two_processes_follow_one(config, tmp_path):
     one = trained(config("one"))
     two = trained(config("two"), 2)
     loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "two")
     print(f"dense: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
-    assert "data-parallel over 2 processes" in two.stdout and "data-parallel" not in one.stdout
+    assert "data-parallel (ddp) over 2 processes" in two.stdout and "data-parallel" not in one.stdout
     assert two.stdout.count("done: 20 steps") == 1  # rank 0 alone reports
     assert two.stdout.count("step 10: val loss") == 1
     records = read_metrics(tmp_path / "two")
@@ -253,9 +185,16 @@ def test_layout_checks():
 def test_parallel_section_is_validated_and_recorded_only_when_set():
     assert "parallel" not in run_to_dict(RunConfig.from_dict({}))
     run = RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "timeout_s": 30}})
-    assert run_to_dict(run)["parallel"] == {"data_parallel": "ddp", "timeout_s": 30.0}
+    assert run_to_dict(run)["parallel"] == {
+        "data_parallel": "ddp",
+        "mixed_precision": "none",
+        "cpu_offload": False,
+        "timeout_s": 30.0,
+    }
     with pytest.raises(ConfigError, match="parallel.data_parallel"):
-        RunConfig.from_dict({"parallel": {"data_parallel": "fsdp"}})
+        RunConfig.from_dict({"parallel": {"data_parallel": "zero"}})
+    with pytest.raises(ConfigError, match="are FSDP's: set parallel.data_parallel: fsdp"):
+        RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "cpu_offload": True}})
     with pytest.raises(ConfigError, match="parallel.timeout_s: must be a positive"):
         RunConfig.from_dict({"parallel": {"timeout_s": 0}})
     with pytest.raises(ConfigError, match="parallel"):

@@ -1,0 +1,56 @@
+"""Fully sharded data parallelism (ZeRO-3) with FSDP2's `fully_shard` (parallel.data_parallel: fsdp).
+
+Each of the N processes keeps 1/N of every parameter (its rows of dim 0, a DTensor shard), and
+so 1/N of the gradients and of the optimizer's moments. Each block is its own FSDP unit: its
+parameters are all-gathered just before its forward (and again before its backward), freed
+after, and its gradients reduce-scattered back to their shards; the root unit holds the
+embeddings, the final norm and the head (a tied head shares the embedding's shard). At most one
+block's full parameters thus live at a time beside the shards.
+
+Mixed precision (parallel.mixed_precision: bf16) gathers bf16 copies of the fp32 shards for the
+forward and backward, and reduces the gradients in fp32 onto the fp32 shards the optimizer
+updates. CPU offload (parallel.cpu_offload) keeps the shards, their gradients and the optimizer
+state in CPU memory, moving each unit's shards to the device for its gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from mistura.model import Transformer
+
+
+def shard_model(model: Transformer, mixed_precision: str = "none", cpu_offload: bool = False) -> Transformer:
+    """Shard `model` in place over the default process group: one FSDP unit per block, then the root."""
+    precision = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=precision, offload_policy=offload)
+    fully_shard(model, mp_policy=precision, offload_policy=offload)
+    return model
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the whole parameters a forward without backward (evaluation) leaves gathered in the root unit, so
+    the module holds its shards again, the tensors its optimizer updates; nothing for a plain module."""
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor's self; a DTensor's whole value (e.g. the gradient norm over every shard)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this process holds: its shards of a sharded module, all of a plain one."""
+    return sum(_local(p).numel() * p.element_size() for p in module.parameters())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
