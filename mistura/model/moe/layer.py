@@ -8,6 +8,9 @@ expert (stably, so each expert sees its tokens in order), the token rows are gat
 once into expert-contiguous order, the experts run as one grouped matmul, and the outputs,
 scaled by their gate weights, are scatter-added back to their tokens.
 
+Expert parallelism (mistura.parallel.expert) replaces only `_run_experts`: the sorted rows travel
+to the ranks that hold their experts and back; routing, capacity and the combine stay here.
+
 Capacity (training only): each expert takes at most ceil(capacity_factor * N * K / E)
 assignments; the later ones in token order are dropped and contribute nothing, so the
 token's residual carries it. Evaluation and generation are dropless, so decoding with a
@@ -73,9 +76,13 @@ class MoELayer(nn.Module):
         weights = routing.weights.flatten()[order, None].to(x.dtype)  # (A, 1)
         # index_select, not x[token]: its backward is an index_add_, where indexing's is an
         # accumulating index_put_, several times slower on CPU.
-        out = self.experts(x.index_select(0, token), counts, weights)  # (A, D), weighted
+        out = self._run_experts(x.index_select(0, token), counts, weights)  # (A, D), weighted
         y = torch.zeros_like(x).index_add_(0, token, out)
         return y, N * K - order.numel()
+
+    def _run_experts(self, rows: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows (A, D) sorted by expert, counts (E,) rows per expert -> their experts' outputs times weights (A, 1)."""
+        return self.experts(rows, counts, weights)
 
     def _apply_capacity(self, order, sorted_experts, counts, n_assignments):
         """Keep each expert's first `capacity` assignments (in token order); drop the rest."""

@@ -1,0 +1,240 @@
+"""Expert parallelism: each rank of a process group holds E / ep whole routed experts, and tokens travel to them.
+
+    model = shard_experts_(model, ep=dist.get_world_size())   # every MoELayer, in place
+    comm_bytes(model)                                         # payload bytes this rank sent, forward and backward
+
+Legend: A kept assignments of this rank's tokens, sorted by expert, D model width, E experts,
+ep ranks in the group, R rows that arrive at this rank.
+
+Expert parallelism runs along the data-parallel dimension (as in DeepSeek-V3 and torchtitan):
+every rank has its own tokens, the router, shared experts and shared gate are replicated, and
+rank r holds the routed experts [r * E / ep, (r + 1) * E / ep). A layer routes its tokens and
+applies capacity on its own rank, exactly as `MoELayer` does, then replaces only the step that
+runs the experts (`_run_experts`):
+
+1. the rows per (destination rank, local expert) go first, in one fixed-size all_to_all;
+2. the rows themselves, already grouped by destination since they are sorted by expert, go in
+   a variable-size all_to_all; they arrive grouped by source rank, then expert, and a stable
+   sort by local expert makes each expert's rows contiguous for the grouped matmul;
+3. the outputs, put back in arrival order, return by the reverse all_to_all, and the source
+   scales them by their gate weights, which never travel; `MoELayer` adds them to their tokens.
+
+So each rank's output is the unsplit layer's output on that rank's tokens, up to float rounding.
+The payload all_to_alls are differentiable (their backward is the reverse exchange), so every
+rank must run the backward of every layer, as every collective in DDP does. Gradients, when each
+rank backpropagates a loss of its own outputs:
+- the input, the router, the shared experts and the shared gate get the gradient of the rank's own
+  loss, as the unsplit layer on the rank's tokens would (replicated parameters then need DDP's
+  all-reduce, as usual);
+- a rank's routed experts get the gradient of the sum of all ranks' losses: their slice of the
+  unsplit layer's gradients summed over the ranks' batches. DDP averages the replicated
+  gradients over ranks, so a trainer that follows the mean of the ranks' losses divides the
+  experts' by ep, and keeps them out of DDP's all-reduce: each rank's are different experts.
+
+The auxiliary losses and stats (balance, z, sequence and entropy losses, dropped fraction) are the
+rank's own, computed from its tokens as the unsplit layer computes them. `MoEAux.load` is global:
+the per-expert assignments of all ranks' tokens, summed over the group. The router's own load
+buffer for aux-loss-free balancing counts the rank's tokens, to be summed before `balance_step` as
+under DDP (`mistura.parallel.distributed.sum_expert_loads_`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mistura.errors import ConfigError
+from mistura.model.moe import CollaborativeExperts, GroupedExperts, MoEAux, MoELayer
+
+
+def shard_experts_(model: nn.Module, ep: int, group: dist.ProcessGroup | None = None) -> nn.Module:
+    """Make every MoELayer of `model` expert-parallel over `group` (the default group when None) of ep ranks,
+    in place; returns the model, or, for a MoELayer given alone, its expert-parallel replacement.
+
+    Call it on the full model, loaded or initialised the same on every rank, before quantising, adding
+    LoRA or wrapping in DDP. ep 1 leaves the model as it is.
+    """
+    if ep < 1:
+        raise ConfigError(f"expert parallelism: ep must be >= 1, got {ep}")
+    if ep == 1:
+        return model
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (MoELayer, CollaborativeExperts))]
+    for name, layer in layers:
+        _check_layer(name or "the layer", layer, ep)
+    group = _check_group(ep, group)
+    for name, layer in layers:
+        sharded = ExpertParallelMoE(layer, group)
+        if not name:
+            return sharded
+        parent, _, child = name.rpartition(".")
+        model.get_submodule(parent).register_module(child, sharded)
+    return model
+
+
+def _check_layer(name: str, layer: nn.Module, ep: int) -> None:
+    if isinstance(layer, CollaborativeExperts):
+        raise ConfigError(
+            f"expert parallelism: {name} is a collaborative-experts (moc) layer, where every token runs all "
+            "experts and attends over their answers, so its experts cannot be split across ranks"
+        )
+    if layer.config.n_experts % ep:
+        raise ConfigError(
+            f"expert parallelism: {name} has {layer.config.n_experts} routed experts, not divisible by ep={ep}: "
+            "every rank holds the same number of whole experts"
+        )
+    if type(layer.experts) is not GroupedExperts:
+        raise ConfigError(
+            f"expert parallelism: {name}'s experts are {type(layer.experts).__name__}, not plain GroupedExperts: "
+            "shard the experts before quantising them or adding LoRA"
+        )
+
+
+def _check_group(ep: int, group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """The group to split over: `group`, or the default one, which must exist and have ep ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(
+            f"expert parallelism over ep={ep} ranks needs a torch.distributed process group: "
+            "run under torchrun, with the process group initialised"
+        )
+    group = dist.group.WORLD if group is None else group
+    if dist.get_world_size(group) != ep:
+        raise ConfigError(f"expert parallelism: ep={ep}, but the process group has {dist.get_world_size(group)} ranks")
+    return group
+
+
+class ExpertParallelMoE(MoELayer):
+    """A MoELayer whose routed experts are split across the ranks of `group`; it takes over `layer`'s modules and
+    cuts its experts down to this rank's slice."""
+
+    def __init__(self, layer: MoELayer, group: dist.ProcessGroup):
+        nn.Module.__init__(self)  # not MoELayer.__init__, which allocates every expert
+        self.config = layer.config
+        self.group, self.ep, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.router, self.shared, self.shared_gate = layer.router, layer.shared, layer.shared_gate
+        self.experts = _keep_slice(layer.experts, self.rank, self.ep)
+        self.comm = CommBytes()
+        self.train(layer.training)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:  # x (B, T, D)
+        y, aux = super().forward(x)
+        load = aux.load.clone()  # (E,)
+        dist.all_reduce(load, group=self.group)
+        return y, dataclasses.replace(aux, load=load)
+
+    def _run_experts(self, rows: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """rows (A, D) sorted by expert, counts (E,) -> each row's expert output times its weight (A, 1),
+        the experts run on the ranks that hold them."""
+        send = counts.view(self.ep, -1)  # (ep, E / ep): rows for each rank's experts
+        receive = torch.empty_like(send)
+        dist.all_to_all_single(receive, send, group=self.group)  # (ep, E / ep): each rank's rows for mine
+        splits = Splits(*torch.stack((send.sum(1), receive.sum(1))).tolist())
+        arrived = _AllToAll.apply(rows, splits, self.group, self.comm)  # (R, D) by source rank, then expert
+        order = _by_expert(receive, sum(splits.receive))  # (R,)
+        out = self.experts(arrived.index_select(0, order), receive.sum(0))  # (R, D) by expert
+        back = out.index_select(0, order.argsort())  # (R, D) in arrival order
+        return _AllToAll.apply(back, splits.reversed(), self.group, self.comm) * weights  # (A, D)
+
+    def gather_experts(self) -> dict[str, torch.Tensor]:
+        """The unsplit layer's expert stacks, {"gate_proj": (E, F, D), ...}, assembled on every rank."""
+        stacks = {}
+        for name, part in self.experts.named_parameters():
+            parts = [torch.empty_like(part) for _ in range(self.ep)]
+            dist.all_gather(parts, part.detach().contiguous(), group=self.group)
+            stacks[name] = torch.cat(parts)
+        return stacks
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, ep={self.ep}"
+
+
+@dataclass
+class Splits:
+    """Rows this rank sends to, and receives from, each rank of the group."""
+
+    send: list[int]
+    receive: list[int]
+
+    def reversed(self) -> Splits:
+        return Splits(self.receive, self.send)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows (n, D) whose backward sends the gradients back the way the rows came;
+    counts the bytes each direction sends to other ranks."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, splits: Splits, group: dist.ProcessGroup, tally: CommBytes) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.tally = splits, group, tally
+        out, sent = _exchange(rows, splits, group)
+        tally.forward += sent
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        out, sent = _exchange(grad.contiguous(), ctx.splits.reversed(), ctx.group)
+        ctx.tally.backward += sent
+        return out, None, None, None
+
+
+def _exchange(rows: torch.Tensor, splits: Splits, group: dist.ProcessGroup) -> tuple[torch.Tensor, int]:
+    """rows (sum(send), D) -> the rows the ranks send here (sum(receive), D), and the bytes sent to other ranks."""
+    out = rows.new_empty(sum(splits.receive), *rows.shape[1:])
+    dist.all_to_all_single(out, rows, splits.receive, splits.send, group=group)
+    remote = sum(splits.send) - splits.send[dist.get_rank(group)]
+    return out, remote * math.prod(rows.shape[1:]) * rows.element_size()
+
+
+def _by_expert(receive: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """The order (R,) that groups rows arrived by (source rank, local expert) by local expert, sources in
+    rank order; receive (ep, E / ep) holds the row counts."""
+    ep, local = receive.shape
+    expert = torch.arange(local, device=receive.device).repeat(ep)  # (ep * E / ep,)
+    return expert.repeat_interleave(receive.flatten(), output_size=n_rows).argsort(stable=True)
+
+
+def _keep_slice(experts: GroupedExperts, rank: int, ep: int) -> GroupedExperts:
+    """`experts` holding only rank's E / ep experts (new, smaller Parameters, so the others' memory is freed)."""
+    n = experts.gate_proj.shape[0] // ep
+    for name, param in list(experts.named_parameters(recurse=False)):
+        setattr(experts, name, nn.Parameter(param.detach()[rank * n : (rank + 1) * n].clone()))
+    return experts
+
+
+@dataclass
+class CommBytes:
+    """Payload bytes a rank's all_to_alls sent to other ranks since the last reset. Rows a rank keeps for its
+    own experts never leave it and are not counted, nor is the small exchange of row counts. The combine
+    mirrors the dispatch, so a rank receives in a forward (or backward) as many bytes as it sends."""
+
+    forward: int = 0  # dispatch + combine: rows to other ranks' experts and the outputs of theirs, times D * itemsize
+    backward: int = 0  # the same exchanges' gradients, in reverse
+
+    def __add__(self, other: CommBytes) -> CommBytes:
+        return CommBytes(self.forward + other.forward, self.backward + other.backward)
+
+
+def comm_bytes(model: nn.Module) -> CommBytes:
+    """The payload bytes this rank's expert-parallel layers sent to other ranks since the last reset."""
+    return sum((m.comm for m in model.modules() if isinstance(m, ExpertParallelMoE)), CommBytes())
+
+
+def reset_comm_bytes(model: nn.Module) -> None:
+    """Zero the counters in place (a backward still to run counts into them)."""
+    for m in model.modules():
+        if isinstance(m, ExpertParallelMoE):
+            m.comm.forward = m.comm.backward = 0
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsplit model's state dict, on every rank: each expert-parallel layer's experts gathered whole."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if isinstance(layer, ExpertParallelMoE):
+            for key, stack in layer.gather_experts().items():
+                state[".".join(filter(None, (name, "experts", key)))] = stack
+    return state
