@@ -45,7 +45,9 @@ Files:
                                           "experts": bool, "rank0": bool}}}; rank0: a bias held by rank 0
     <out>/tokenizer.json                  when given
 
-`mistura.load` reads such a folder through `load_model_parallel`, which merges the ranks.
+`mistura.load` reads such a folder through `load_model_parallel`, which merges the ranks;
+a tensor-parallel process reads its own rank's file alone through `read_rank`
+(mistura.parallel.tensor).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_directory
-from mistura.checkpoint import check_names, complete_weights
+from mistura.checkpoint import check_names, complete_weights, read_tensors
 from mistura.config import ModelConfig
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
@@ -116,7 +118,7 @@ class Placement:
 
 def placement(name: str) -> Placement:
     """The placement of a tensor, by its name in a mistura state dict."""
-    module, _, parameter = re.sub(r"^blocks\.\d+\.", "", name).rpartition(".")
+    module, _, parameter = block_role(name).rpartition(".")
     if module in VOCAB_PARALLEL or module in COLUMN_PARALLEL:
         return Placement(0)
     if module in ROW_PARALLEL:
@@ -128,6 +130,11 @@ def placement(name: str) -> Placement:
     raise CheckpointError(f"{name}: no model-parallel rule for this tensor")
 
 
+def block_role(name: str) -> str:
+    """A name within its block ("blocks.3.attn.q_proj" -> "attn.q_proj"); top-level names as they are."""
+    return re.sub(r"^blocks\.\d+\.", "", name)
+
+
 def parallel_plan(config: ModelConfig) -> dict[str, int | None]:
     """The split dimension of every stored tensor of `Transformer(config)` (None: not split)."""
     return {name: placement(name).dim for name in expected_shapes(config)}
@@ -135,11 +142,7 @@ def parallel_plan(config: ModelConfig) -> dict[str, int | None]:
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The stored tensors of `Transformer(config)` and their shapes; a tied lm_head is stored as tok_emb."""
-    if "moc" in config.layer_mlp:
-        raise ConfigError(
-            "model.layer_mlp: collaborative-experts ('moc') layers cannot be split for model parallelism: "
-            "every token runs all experts and the router attends over all their answers"
-        )
+    check_no_collaborative_experts(config)
     with torch.device("meta"):  # allocates nothing and runs no init
         model = Transformer(config)
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
@@ -148,15 +151,28 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_world_size(config: ModelConfig, n: int) -> None:
-    """ConfigError unless n ranks can split every head count and width that `config` splits."""
+def check_no_collaborative_experts(config: ModelConfig) -> None:
+    """ConfigError if any layer is a collaborative-experts one, which no rank can compute a part of."""
+    if "moc" in config.layer_mlp:
+        raise ConfigError(
+            "model.layer_mlp: collaborative-experts ('moc') layers cannot be split for model parallelism: "
+            "every token runs all experts and the router attends over all their answers"
+        )
+
+
+def check_world_size(config: ModelConfig, n: int, experts: bool = True) -> None:
+    """ConfigError unless n ranks can split every head count and width that `config` splits.
+
+    experts=False leaves the routed experts whole (tensor parallelism keeps them on every rank).
+    """
     if n < 1:
         raise ConfigError(f"model parallelism: the number of ranks must be >= 1, got {n}")
     widths = {"vocab_size": config.vocab_size, "n_head": config.n_head, "n_kv_head": config.n_kv_head}
     if "dense" in config.layer_mlp:
         widths["d_ff"] = config.d_ff
     if "moe" in config.layer_mlp:
-        widths["moe.n_experts"] = config.moe.n_experts
+        if experts:
+            widths["moe.n_experts"] = config.moe.n_experts
         if config.moe.d_shared:
             widths["moe.d_shared"] = config.moe.d_shared
     for field, value in widths.items():
@@ -272,6 +288,44 @@ def merge_model_parallel(directory: str | Path) -> tuple[ModelConfig, Tensors]:
     The state dict is in the stored form (a tied lm_head is absent: it is tok_emb.weight).
     """
     directory = Path(directory)
+    n, config, shapes = _read_folder(directory)
+    files = _rank_files(directory, n)
+    try:
+        with ExitStack() as stack:
+            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in files]
+            for path, handle in zip(files, handles):
+                check_names(handle.keys(), shapes, str(path))
+            merged = {name: _merge(name, [h.get_tensor(name) for h in handles], shapes[name], n) for name in shapes}
+        return config, merged
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{directory}: cannot read the rank files ({err})") from err
+
+
+def model_parallel_size(directory: str | Path) -> int:
+    """The number of ranks a model-parallel folder is split for (its parallel.json's world_size)."""
+    return _read_layout(Path(directory) / PARALLEL)[0]
+
+
+def read_rank(directory: str | Path, rank: int) -> tuple[ModelConfig, Tensors]:
+    """The config and rank `rank`'s tensors (its slices, under the full names) of a model-parallel folder.
+
+    Only that rank's file is read; its names and slice shapes are checked against the config.
+    The state dict is in the stored form, as in `merge_model_parallel`.
+    """
+    directory = Path(directory)
+    n, config, shapes = _read_folder(directory)
+    if not 0 <= rank < n:
+        raise CheckpointError(f"{directory}: rank {rank} is not in 0 .. {n - 1} of this folder's {n} ranks")
+    path = _rank_files(directory, n)[rank]
+    tensors = read_tensors(path)
+    check_names(tensors, shapes, str(path))
+    for name, tensor in tensors.items():
+        _check_part(name, tensor, shapes[name], rank, n)
+    return config, tensors
+
+
+def _read_folder(directory: Path) -> tuple[int, ModelConfig, dict[str, tuple[int, ...]]]:
+    """A model-parallel folder's world size, config and full tensor shapes, its layout checked against the config."""
     n, placed = _read_layout(directory / PARALLEL)
     try:
         config = ModelConfig.from_json(directory / "config.json")
@@ -285,16 +339,7 @@ def merge_model_parallel(directory: str | Path) -> tuple[ModelConfig, Tensors]:
         raise CheckpointError(
             f"{directory / PARALLEL}: {moved} is placed {placed[moved]}, the config says {expected[moved]}"
         )
-    files = _rank_files(directory, n)
-    try:
-        with ExitStack() as stack:
-            handles = [stack.enter_context(safe_open(path, framework="pt")) for path in files]
-            for path, handle in zip(files, handles):
-                check_names(handle.keys(), shapes, str(path))
-            merged = {name: _merge(name, [h.get_tensor(name) for h in handles], shapes[name], n) for name in shapes}
-        return config, merged
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{directory}: cannot read the rank files ({err})") from err
+    return n, config, shapes
 
 
 def _read_layout(path: Path) -> tuple[int, dict[str, Any]]:
@@ -322,9 +367,15 @@ def _rank_files(directory: Path, n: int) -> list[Path]:
 
 def _merge(name: str, parts: list[torch.Tensor], shape: tuple[int, ...], n: int) -> torch.Tensor:
     """The full tensor from its n rank parts."""
+    for rank, part in enumerate(parts):
+        _check_part(name, part, shape, rank, n)
+    dim = placement(name).dim
+    return parts[0] if dim is None else torch.cat(parts, dim=dim)
+
+
+def _check_part(name: str, part: torch.Tensor, shape: tuple[int, ...], rank: int, n: int) -> None:
+    """CheckpointError unless `part` has the shape of rank `rank`'s part of a full tensor of `shape`."""
     dim = placement(name).dim
     part_shape = shape if dim is None else (*shape[:dim], shape[dim] // n, *shape[dim + 1 :])
-    for rank, part in enumerate(parts):
-        if tuple(part.shape) != part_shape:
-            raise CheckpointError(f"{rank_file(rank, n)}: {name} has shape {tuple(part.shape)}, expected {part_shape}")
-    return parts[0] if dim is None else torch.cat(parts, dim=dim)
+    if tuple(part.shape) != part_shape:
+        raise CheckpointError(f"{rank_file(rank, n)}: {name} has shape {tuple(part.shape)}, expected {part_shape}")

@@ -4,6 +4,10 @@ Queries have `n_head` heads; keys and values have `n_kv_head` heads, each shared
 n_head / n_kv_head query heads (GQA; equal counts give classic multi-head attention).
 Separate q/k/v/o projections keep the Hugging Face mapping one-to-one and make LoRA
 and quantisation plain module swaps.
+
+The forward pass reads the head counts off the projections' widths: a tensor-parallel
+rank (mistura.parallel.tensor), whose q/k/v projections hold whole heads, runs its own
+n_head / n query and n_kv_head / n key/value heads with this same code.
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,  # (B, 1, T, S) for padded batches, else causal
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         start = 0
@@ -57,7 +61,7 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D) -> (B, T, D_model)
 
 
 def causal_mask_args(mask: torch.Tensor | None, start: int, length: int, device: torch.device) -> dict:

@@ -11,6 +11,10 @@ advances `pos`. Nothing is reallocated or copied while decoding. Two kinds:
   absorbed path attends without ever expanding per-head keys and values.
 
 The attention module picks its path by the kind of cache it is given.
+
+Under tensor parallelism (mistura.parallel.tensor) a rank runs n_kv_head / tensor_parallel
+of the key/value heads, and its KVCache holds those alone; the LatentCache holds no
+per-head values, so every rank keeps the whole of it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ class Cache(ABC):
     A batch of prompts of different lengths is left-padded to a common length: `pad`
     (B,) then holds each row's count of padding slots at the start, which the model
     masks out of attention and leaves out of positions (row b's slot i is position
-    i - pad[b]). None means no padding.
+    i - pad[b]). None means no padding. `tensor_parallel` is the number of ranks that
+    split the heads (1: a single process).
     """
 
     def __init__(
@@ -39,10 +44,12 @@ class Cache(ABC):
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        tensor_parallel: int = 1,
     ):
         self.max_len = max_len
         self.pos = 0
         self.pad: torch.Tensor | None = None
+        self.tensor_parallel = tensor_parallel
         self.allocate(config, (config.n_layer, batch_size), max_len, dtype, device)
 
     @abstractmethod
@@ -67,13 +74,14 @@ class KVCache(Cache):
     """Keys and values for `n_layer` layers: buffers (L, B, H_kv, max_len, D_k) and (L, B, H_kv, max_len, D_v).
 
     D_k = D_v = head_dim for grouped-query attention; with MLA, keys have
-    qk_nope_head_dim + qk_rope_head_dim channels and values v_head_dim.
+    qk_nope_head_dim + qk_rope_head_dim channels and values v_head_dim. H_kv is
+    n_kv_head / tensor_parallel: a tensor-parallel rank caches its own heads.
     """
 
     def allocate(self, config: ModelConfig, shape: tuple[int, int], max_len: int, dtype: torch.dtype, device) -> None:
         mla = config.mla
         k_dim, v_dim = (mla.qk_head_dim, mla.v_head_dim) if mla else (config.head_dim, config.head_dim)
-        shape = (*shape, config.n_kv_head, max_len)
+        shape = (*shape, config.n_kv_head // self.tensor_parallel, max_len)
         self.k = torch.zeros(*shape, k_dim, dtype=dtype, device=device)
         self.v = torch.zeros(*shape, v_dim, dtype=dtype, device=device)
 

@@ -26,6 +26,10 @@ The same weights run two ways:
   W_uv is applied once to the attention output. Attention then runs over the latent as
   multi-query attention with a single key/value head.
 
+The head count is read off q's width: a tensor-parallel rank (mistura.parallel.tensor),
+whose q and kv_b_proj hold whole heads, runs its own n_head / n heads with this same code,
+over the whole latent cache (it is not per head).
+
 Parameter layouts equal Hugging Face's DeepseekV3Attention (kv_a_proj is its
 kv_a_proj_with_mqa, q_a_norm / kv_a_norm its q_a_layernorm / kv_a_layernorm), with
 rotary channels paired as (i, i + D_rope/2).
@@ -80,7 +84,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, D_nope + D_rope)
+        q = q.view(B, T, -1, self.nope_dim + self.rope_dim).transpose(1, 2)  # (B, H, T, D_nope + D_rope)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj(x).split([self.rank, self.rope_dim], dim=-1)  # (B, T, r), (B, T, D_rope)
         c_kv = self.kv_a_norm(c_kv)
@@ -90,7 +94,7 @@ class MultiHeadLatentAttention(nn.Module):
             y = self._absorbed(q_nope, q_pe, c_kv, k_pe[:, 0], cache, mask)
         else:
             y = self._naive(q_nope, q_pe, c_kv, k_pe, cache, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))  # (B, T, D_model)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H * D_v) -> (B, T, D_model)
 
     def _naive(
         self,
@@ -131,7 +135,7 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention over the cached latent with kv_b_proj folded into query and output: (B, H, T, D_v)."""
         B, H, T, _ = q_nope.shape
-        w_kv = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.rank)
+        w_kv = local_part(self.kv_b_proj.weight).view(H, self.nope_dim + self.v_dim, self.rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, D_nope, r), (H, D_v, r)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
         # One key/value head serves all query heads: folding the heads into the query
@@ -150,3 +154,11 @@ class MultiHeadLatentAttention(nn.Module):
             scale=self.scale,
         ).view(B, H, T, self.rank)
         return torch.einsum("bhtr,hvr->bhtv", y, w_uv)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this process holds: a DTensor's local shard under tensor parallelism, else the tensor.
+
+    Duck-typed, so that single-process code never imports torch.distributed.
+    """
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

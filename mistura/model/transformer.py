@@ -65,6 +65,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.activation_checkpointing = False  # recompute blocks in backward to save memory
+        self.tensor_parallel = 1  # ranks that split the heads (mistura.parallel.tensor): its caches hold its own
         self.init_weights()
 
     @torch.no_grad()
@@ -202,4 +203,5 @@ class Transformer(nn.Module):
         """
         param = self.tok_emb.weight
         kind = LatentCache if self.config.mla is not None and latent else KVCache
-        return kind(self.config, batch_size, max_len or self.config.max_seq_len, param.dtype, param.device)
+        max_len = max_len or self.config.max_seq_len
+        return kind(self.config, batch_size, max_len, param.dtype, param.device, self.tensor_parallel)
