@@ -38,10 +38,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 
 from mistura.checkpoint import SHARDS, checkpoint_directory, stored_names
 from mistura.model import Transformer
-from mistura.parallel import distributed
+from mistura.parallel import distributed, expert
 
 Tensors = dict[str, Any]  # nested dicts of tensors, by parameter name
 
@@ -64,15 +65,22 @@ def load(directory: Path, tensors: Tensors) -> None:
 
 
 def training_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, averaged: torch.nn.Module | None = None
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    averaged: torch.nn.Module | None = None,
+    expert_mesh: DeviceMesh | None = None,
 ) -> tuple[Tensors, list[dict[str, Any]]]:
     """What a sharded run saves and resumes: its tensors (weights and optimizer moments, by parameter name)
     and the optimizer's param groups (JSON values). With EMA, `averaged` is the average that "model" holds
-    and the trained weights go under "raw"."""
+    and the trained weights go under "raw". With experts split over `expert_mesh`, their entries are
+    DTensors of the whole stacks (see mistura.parallel.expert.as_global_)."""
     optimizer_state = get_optimizer_state_dict(model, optimizer)
     tensors = {"model": weights(averaged if averaged is not None else model), "optimizer": optimizer_state["state"]}
     if averaged is not None:
         tensors["raw"] = weights(model)
+    if expert_mesh is not None:
+        for part in tensors.values():
+            expert.as_global_(part, model, expert_mesh)
     return tensors, optimizer_state["param_groups"]
 
 
@@ -88,11 +96,14 @@ def restore(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     averaged: torch.nn.Module | None = None,
+    expert_mesh: DeviceMesh | None = None,
 ) -> None:
     """Load a checkpoint `training_state` saved (its param groups read back from JSON) into the model, its
     optimizer and the EMA average."""
-    tensors, _ = training_state(model, optimizer, averaged)
+    tensors, _ = training_state(model, optimizer, averaged, expert_mesh)
     load(directory, tensors)
+    for part in tensors.values():
+        expert.as_local_(part, model)
     weights = tensors["raw"] if averaged is not None else tensors["model"]
     optimizer_state = {"state": tensors["optimizer"], "param_groups": param_groups}
     # Not strict: a tied head is its embedding, loaded under that name; `load` has found every other name.

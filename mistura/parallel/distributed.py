@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 
 from mistura.errors import ConfigError, DistributedError
@@ -62,9 +63,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_layout(data_parallel: str, batch_size: int, world: int | None = None) -> None:
-    """Refuse a layout that cannot run: several processes without ddp, or a global batch they cannot split evenly."""
+def check_layout(data_parallel: str, batch_size: int, world: int | None = None, expert_parallel: int = 1) -> None:
+    """Refuse a layout that cannot run: several processes without ddp, a global batch they cannot split evenly,
+    or experts split over groups that do not divide them."""
     world = launched_world_size() if world is None else world
+    if world % expert_parallel:
+        raise ConfigError(
+            f"parallel.expert_parallel {expert_parallel} does not divide the {world} process(es) (the world size): "
+            "the experts are split over groups of that many processes"
+        )
     if world <= 1:
         return
     if data_parallel == "none":
@@ -80,14 +87,16 @@ def check_layout(data_parallel: str, batch_size: int, world: int | None = None) 
 
 
 @contextlib.contextmanager
-def process_group(data_parallel: str, timeout_s: float, batch_size: int, device: torch.device) -> Iterator[bool]:
+def process_group(
+    data_parallel: str, timeout_s: float, batch_size: int, device: torch.device, expert_parallel: int = 1
+) -> Iterator[bool]:
     """Join torchrun's processes for the length of the block; yields whether the run is data-parallel.
 
     Alone (no torchrun, or one process) it does nothing and yields False. A bad layout
     (see check_layout) is refused before any process waits for another.
     """
     world = launched_world_size()
-    check_layout(data_parallel, batch_size, world)
+    check_layout(data_parallel, batch_size, world, expert_parallel)
     if data_parallel == "none" or world <= 1:
         yield False
         return
@@ -95,20 +104,26 @@ def process_group(data_parallel: str, timeout_s: float, batch_size: int, device:
         raise ConfigError(f"parallel.data_parallel: {data_parallel} needs torch.distributed, which this PyTorch lacks")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend = "nccl"
-    elif device.type == "cpu":
-        backend = "gloo"
-    else:
+    elif device.type != "cpu":
         raise ConfigError(f"parallel.data_parallel: {data_parallel} runs on cpu or cuda devices, not {device.type}")
+    with joined(device.type, timeout_s, "parallel.timeout_s"):
+        yield True
+
+
+@contextlib.contextmanager
+def joined(device_type: str, timeout_s: float, setting: str) -> Iterator[None]:
+    """The default process group (NCCL for cuda, else gloo) for the block, left at the end whatever happens;
+    a failure of its collectives is a DistributedError that names `setting`, the option that set timeout_s."""
+    backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        yield True
+        yield
     except RuntimeError as err:
         if not is_collective_failure(err):
             raise
         raise DistributedError(
             f"rank {rank()}: the process group failed ({first_line(err)}): another process crashed, hangs or quit "
-            f"(collectives wait parallel.timeout_s={timeout_s:g} s); its own error says why"
+            f"(collectives wait {setting}={timeout_s:g} s); its own error says why"
         ) from err
     finally:
         dist.destroy_process_group()
@@ -159,12 +174,23 @@ NO_BUFFER_SYNC = (
 )
 
 
-def data_parallel_model(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
-    """`model` wrapped in DistributedDataParallel, on this process's GPU if it has one. No buffer sync in
-    forward: the experts' biases stay equal by construction, and each process counts its own expert loads
-    until `sum_expert_loads_` adds them up."""
+def data_parallel_model(
+    model: torch.nn.Module, device: torch.device, ignore: Iterable[str] = ()
+) -> DistributedDataParallel:
+    """`model` wrapped in DistributedDataParallel, on this process's GPU if it has one, the parameters named in
+    `ignore` left out of its all-reduce (each process's own experts). No buffer sync in forward: the experts'
+    biases stay equal by construction, and each process counts its own expert loads until `sum_expert_loads_`
+    adds them up."""
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, **NO_BUFFER_SYNC)
+
+
+def expert_mesh(expert_parallel: int, device: torch.device) -> DeviceMesh:
+    """The processes as a (world / ep, ep) mesh: along "ep" the ranks that split the experts between them,
+    along "replica" those that hold the same experts."""
+    shape = (world_size() // expert_parallel, expert_parallel)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replica", "ep"))
 
 
 def sum_expert_loads_(model: torch.nn.Module) -> None:

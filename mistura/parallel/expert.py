@@ -42,11 +42,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from mistura.errors import ConfigError
 from mistura.model.moe import CollaborativeExperts, GroupedExperts, MoEAux, MoELayer
@@ -238,3 +242,73 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             for key, stack in layer.gather_experts().items():
                 state[".".join(filter(None, (name, "experts", key)))] = stack
     return state
+
+
+# Training with experts split over the `ep` dimension of a (replica, ep) mesh, beside data parallelism: every
+# process trains on its own rows, the `replica` dimension groups the processes that hold the same experts.
+SPLIT = (Replicate(), Shard(0))  # an expert stack's placement on that mesh
+
+
+def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The routed experts' parameters of every expert-parallel layer, by their names in `model`."""
+    return {
+        f"{name}.experts.{key}": param
+        for name, layer in model.named_modules()
+        if isinstance(layer, ExpertParallelMoE)
+        for key, param in layer.experts.named_parameters()
+    }
+
+
+@torch.no_grad()
+def average_expert_grads_(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Make the experts' gradients those of the mean loss over every process, as DDP's are: the all_to_all's
+    backward summed the ep group's losses into them; add the replicas' and divide by the world size."""
+    grads = [p.grad for p in expert_parameters(model).values() if p.grad is not None]
+    if mesh["replica"].size() > 1:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=mesh["replica"].get_group())
+        torch._foreach_copy_(grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    torch._foreach_div_(grads, mesh.size())
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh) -> float:
+    """Scale every gradient so that the norm of the whole model's gradient is at most max_norm; returns that
+    norm before clipping: the replicated parameters' (equal everywhere), and the ep group's experts' summed."""
+    experts = set(expert_parameters(model).values())
+    params = [p for p in model.parameters() if p.grad is not None]
+    shared = torch.nn.utils.get_total_norm([p.grad for p in params if p not in experts])
+    own = torch.nn.utils.get_total_norm([p.grad for p in params if p in experts]).pow(2)
+    dist.all_reduce(own, group=mesh["ep"].get_group())
+    total = (shared.pow(2) + own).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return float(total)
+
+
+def as_global_(state: dict[str, Any], model: nn.Module, mesh: DeviceMesh) -> None:
+    """Give the experts' entries of a state dict (weights by name, or an optimizer's state by parameter name)
+    their global shape, in place: DTensors over `mesh`, split by expert across ep and equal across replicas,
+    that share this rank's tensors; so a distributed checkpoint stores every expert once, at its place."""
+    for name, param in expert_parameters(model).items():
+        if name in state:  # the weight, or its moments; not an optimizer's step count
+            shape = param.shape
+            state[name] = _apply(state[name], lambda t, shape=shape: _split(t, mesh) if t.shape == shape else t)
+
+
+def _split(tensor: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+    """This rank's slice of experts as the whole stack's DTensor (no copy)."""
+    return DTensor.from_local(tensor, mesh, SPLIT, run_check=False)
+
+
+def as_local_(state: dict[str, Any], model: nn.Module) -> None:
+    """Undo `as_global_`: this rank's experts' tensors again, in place."""
+    for name in expert_parameters(model):
+        if name in state:
+            state[name] = _apply(state[name], lambda t: t.to_local() if isinstance(t, DTensor) else t)
+
+
+def _apply(entry: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """fn applied to a tensor, or to each tensor of a (nested) dict of them."""
+    if isinstance(entry, dict):
+        return {key: _apply(value, fn) for key, value in entry.items()}
+    return fn(entry) if torch.is_tensor(entry) else entry

@@ -110,16 +110,27 @@ class ParallelConfig:
     writes its shards (see mistura.parallel.fsdp and dcp). mixed_precision bf16 runs the forward and
     backward on bf16 copies of the gathered parameters and reduces the gradients in fp32;
     cpu_offload keeps the shards, their gradients and the optimizer state in CPU memory.
+    expert_parallel ep (with ddp): each process holds n_experts / ep of every MoE layer's routed
+    experts, and tokens travel to their experts by all_to_all (see mistura.parallel.expert);
+    ep divides the number of processes, and checkpoints are distributed.
     """
 
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"
     mixed_precision: Literal["none", "bf16"] = "none"  # fsdp: the dtype of gathered parameters
     cpu_offload: bool = False  # fsdp: shards, gradients and optimizer state in CPU memory
+    expert_parallel: int = 1  # ddp: each MoE layer's routed experts split over groups of this many processes
     timeout_s: float = 300.0  # how long a collective waits for the other processes: a dead one fails the run
 
     def __post_init__(self) -> None:
         if not 0 < self.timeout_s < math.inf:
             raise ConfigError(f"parallel.timeout_s: must be a positive number of seconds, got {self.timeout_s}")
+        if self.expert_parallel < 1:
+            raise ConfigError(f"parallel.expert_parallel: must be >= 1, got {self.expert_parallel}")
+        if self.expert_parallel > 1 and self.data_parallel != "ddp":
+            raise ConfigError(
+                "parallel.expert_parallel runs beside parallel.data_parallel: ddp (each process trains on its own "
+                "rows); FSDP with expert parallelism is not supported yet"
+            )
         if self.data_parallel != "fsdp" and (self.mixed_precision != "none" or self.cpu_offload):
             raise ConfigError(
                 "parallel.mixed_precision and parallel.cpu_offload are FSDP's: set parallel.data_parallel: fsdp "

@@ -81,7 +81,7 @@ from mistura.checkpoint import (
 )
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
-from mistura.parallel import dcp, distributed, fsdp
+from mistura.parallel import dcp, distributed, expert, fsdp
 from mistura.train import state as train_state
 from mistura.train.config import ParallelConfig, TrainConfig
 from mistura.train.device import autocast_dtype, resolve_device
@@ -139,6 +139,12 @@ class TrainLoop(ABC):
             if self.cfg.ema_decay is not None
             else None
         )
+        ep = self.parallel.expert_parallel if self.data_parallel else 1
+        self.expert_mesh = distributed.expert_mesh(ep, self.device) if ep > 1 else None
+        if self.expert_mesh is not None:  # the average too, expert for expert
+            for module in (self.model, self.averaged):
+                if module is not None:
+                    expert.shard_experts_(module, ep, self.expert_mesh["ep"].get_group())
         self.forward, self.ddp = self.model, None
         if self.sharded and self.parallel.cpu_offload and self.device.type == "cpu":
             raise ConfigError(
@@ -150,7 +156,8 @@ class TrainLoop(ABC):
                 if module is not None:
                     fsdp.shard_model(module, self.parallel.mixed_precision, self.parallel.cpu_offload)
         elif self.data_parallel:
-            self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device)
+            own_experts = expert.expert_parameters(self.model)  # each process's are its own: not all-reduced
+            self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device, own_experts)
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
@@ -266,7 +273,11 @@ class TrainLoop(ABC):
     def optimizer_step(self) -> float:
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = fsdp.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.expert_mesh is not None:
+            expert.average_expert_grads_(self.model, self.expert_mesh)
+            grad_norm = expert.clip_grad_norm_(self.model, clip, self.expert_mesh)
+        else:
+            grad_norm = float(fsdp.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.data_parallel:  # the global batch's expert loads, so every process takes the same bias step
@@ -274,7 +285,7 @@ class TrainLoop(ABC):
         self.model.balance_step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return float(grad_norm)
+        return grad_norm
 
     def timed_step(self) -> tuple[float, float, float]:
         """train_step, adding its duration to train_seconds."""
@@ -308,8 +319,8 @@ class TrainLoop(ABC):
         """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints: rank 0 alone,
         or each process its shards of a distributed checkpoint."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
-        if self.sharded:
-            tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged)
+        if self.sharded or self.expert_mesh is not None:
+            tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged, self.expert_mesh)
             dcp.save(final, tensors, lambda tmp: self._save_beside_shards(tmp, param_groups))
         elif self.main:
             with checkpoint_directory(final) as tmp:
@@ -356,11 +367,13 @@ class TrainLoop(ABC):
         verify(directory)
         meta, tensors = train_state.load_state(directory)
         if is_distributed(directory):
-            dcp.restore(directory, meta["optimizer"]["param_groups"], self.model, self.optimizer, self.averaged)
-        elif self.sharded:
+            groups = meta["optimizer"]["param_groups"]
+            dcp.restore(directory, groups, self.model, self.optimizer, self.averaged, self.expert_mesh)
+        elif self.sharded or self.expert_mesh is not None:
             raise CheckpointError(
-                f"{directory} is a single-process checkpoint and a sharded run (parallel.data_parallel: fsdp) "
-                "resumes distributed checkpoints only: resume it with parallel.data_parallel ddp or none"
+                f"{directory} is a single-process checkpoint, and a run that splits its weights (parallel."
+                "data_parallel: fsdp, or parallel.expert_parallel) resumes distributed checkpoints only: resume it "
+                "with parallel.data_parallel ddp or none and no expert_parallel"
             )
         else:
             self._load_full(directory, meta, tensors)

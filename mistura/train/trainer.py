@@ -34,7 +34,7 @@ from mistura.train.loop import TrainLoop
 
 class Trainer(TrainLoop):
     def __init__(self, run: RunConfig, log=print, clock: Callable[[], float] = time.perf_counter):
-        distributed.check_layout(run.parallel.data_parallel, run.train.batch_size)
+        distributed.check_layout(run.parallel.data_parallel, run.train.batch_size, None, run.parallel.expert_parallel)
         data_parallel = run.parallel.data_parallel != "none" and distributed.launched_world_size() > 1
         super().__init__(run.train, log, clock, parallel=run.parallel if data_parallel else None)
         if self.device.type == "cpu" and self.cfg.retain_cpu_memory:
@@ -85,6 +85,8 @@ class Trainer(TrainLoop):
         ddp = ""
         if self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
+            if self.expert_mesh is not None:
+                ddp += f", experts split over {self.parallel.expert_parallel}"
         return (
             f"model {self.run.model.name}: {n_params / 1e6:.2f}M parameters | device {self.device} ({amp}) | "
             f"{cfg.max_steps} steps{budget} of {cfg.batch_size * cfg.grad_accum} x {self.run.model.max_seq_len} tokens"

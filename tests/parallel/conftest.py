@@ -12,7 +12,7 @@ import torch
 import mistura
 from mistura.train.loggers import read_metrics
 from tests.conftest import tiny_run
-from tests.parallel.spawn import free_port
+from tests.parallel.spawn import torchrun_launcher
 from tests.train.test_moe_training import KINDS
 
 STEPS = 20
@@ -48,10 +48,7 @@ def config(prepared, tmp_path):
 def mistura_train(config, processes=None, *args):
     """`python -m mistura.cli train config`, under torchrun with `processes` processes when given."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable]
-    if processes is not None:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-        launcher += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    launcher = [sys.executable] if processes is None else torchrun_launcher(processes)
     command = [*launcher, "-m", "mistura.cli", "train", str(config), "--no-progress", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_launcher(processes: int, port: int | None = None) -> list[str]:
+    """The start of a command that runs a module or script on `processes` processes under torchrun, meeting on
+    127.0.0.1. torchrun looks at its workers once a second, so a worker that fails leaves the others the time to
+    say why before torchrun stops them."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+    meeting = ["--master-addr", "127.0.0.1", "--master-port", str(port or free_port())]
+    return [*launcher, *meeting, "--monitor-interval", "1"]
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,11 +31,12 @@ from tests.parallel.conftest import (
     train_losses,
     trained,
 )
-from tests.parallel.spawn import free_port
+from tests.parallel.spawn import free_port, torchrun_launcher
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
+
 
 def test_two_processes_follow_one(config, tmp_path):
     one = trained(config("one"))
@@ -107,9 +107,8 @@ def test_processes_given_different_configs_all_refuse(config, tmp_path):
     script = tmp_path / "per_rank_lr.py"
     script.write_text(PER_RANK_LR, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
     result = subprocess.run(
-        [*launcher, str(free_port()), str(script), str(config("mixed"))],
+        [*torchrun_launcher(2), str(script), str(config("mixed"))],
         capture_output=True,
         text=True,
         timeout=120,
@@ -138,8 +137,8 @@ def worker(port: int, rank: int) -> int:
 def test_a_rank_that_dies_or_hangs_fails_the_run_with_a_clear_error(config, tmp_path, signal_name, says):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
-    command += ["-m", "mistura.cli", "train", str(config("long", max_steps=100_000, parallel={"timeout_s": 5}))]
+    long_run = config("long", max_steps=100_000, parallel={"timeout_s": 5})
+    command = [*torchrun_launcher(2, port), "-m", "mistura.cli", "train", str(long_run)]
     run = subprocess.Popen(
         [*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
@@ -189,6 +188,7 @@ def test_parallel_section_is_validated_and_recorded_only_when_set():
         "data_parallel": "ddp",
         "mixed_precision": "none",
         "cpu_offload": False,
+        "expert_parallel": 1,
         "timeout_s": 30.0,
     }
     with pytest.raises(ConfigError, match="parallel.data_parallel"):

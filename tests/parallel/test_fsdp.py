@@ -30,7 +30,7 @@ from tests.parallel.conftest import (
     train_losses,
     trained,
 )
-from tests.parallel.spawn import free_port, run_ranks
+from tests.parallel.spawn import run_ranks, torchrun_launcher
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -132,10 +132,8 @@ def test_killed_while_saving_resumes_from_the_previous_checkpoint(config, tmp_pa
     script = tmp_path / "killed_in_save.py"
     script.write_text(KILLED_IN_SAVE, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
-    killed = subprocess.run(
-        [*launcher, str(free_port()), str(script), str(path)], capture_output=True, text=True, timeout=180, env=env
-    )
+    command = [*torchrun_launcher(2), str(script), str(path)]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
     assert killed.returncode != 0
     run_dir = tmp_path / "killed"
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-0000010"]
@@ -164,9 +162,10 @@ def test_convert_a_distributed_checkpoint_to_one_folder(config, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     whole, sharded = mistura.load(out).state_dict(), final_weights(tmp_path / "run")
     assert whole.keys() == sharded.keys() and all(torch.equal(whole[k], sharded[k]) for k in whole)
-    assert mistura.load_tokenizer(out).encode("Capitu").ids == mistura.load_tokenizer(tmp_path / "run").encode(
-        "Capitu"
-    ).ids
+    assert (
+        mistura.load_tokenizer(out).encode("Capitu").ids
+        == mistura.load_tokenizer(tmp_path / "run").encode("Capitu").ids
+    )
 
 
 def test_a_damaged_or_mismatched_distributed_checkpoint_is_refused_by_name(config, tmp_path):
