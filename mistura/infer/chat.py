@@ -39,11 +39,13 @@ from mistura.errors import CheckpointError, ConfigError, DataError, MisturaError
 from mistura.infer.generate import generate_text, not_utf8
 from mistura.infer.sampling import Sampling
 from mistura.loading import load, load_tokenizer
+from mistura.model import Transformer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": ...}
 OnText = Callable[[str], None]
 # (prompt ids, sampling with the template's stop strings, end-of-turn id, on_text) -> the reply's text
 Generate = Callable[[list[int], Sampling, int, OnText], str]
+ReadLine = Callable[[], str | None]  # the user's next line, None at the end of the input
 
 DEFAULT_TEMPLATE = (
     "{{ bos_token }}"
@@ -243,10 +245,17 @@ class Chat:
 
 
 def open_chat(
-    checkpoint: str | Path, sampling: Sampling, system: str | None = None, notice: Callable[[str], None] = print
+    checkpoint: str | Path,
+    sampling: Sampling,
+    system: str | None = None,
+    notice: Callable[[str], None] = print,
+    loader: Callable[[str | Path], Transformer] = load,
 ) -> Chat:
-    """A conversation with a checkpoint (or a run's latest one) through the generation engine."""
-    model, tokenizer = load(checkpoint), load_tokenizer(checkpoint)
+    """A conversation with a checkpoint (or a run's latest one) through the generation engine.
+
+    `loader` reads the model: `mistura.load`, or (under torchrun) this rank's tensor-parallel part of it.
+    """
+    model, tokenizer = loader(checkpoint), load_tokenizer(checkpoint)
 
     def generate(prompt: list[int], sampling: Sampling, eos_id: int, on_text: OnText) -> str:
         return generate_text(model, tokenizer, [prompt], sampling, lambda _, piece: on_text(piece), eos_id)[0]
@@ -254,28 +263,23 @@ def open_chat(
     return Chat(tokenizer, load_chat_template(checkpoint), generate, sampling, model.config.max_seq_len, system, notice)
 
 
-def repl(chat: Chat) -> None:
-    """Read user messages from stdin (a terminal or a pipe) and print the replies as they come, until EOF or /sair.
+def repl(chat: Chat, read: ReadLine | None = None) -> None:
+    """Answer user messages and print the replies as they come, until the end of the input or /sair.
 
+    `read` gives the next line, None at the end (default: stdin_reader(), a terminal or a pipe).
     A line that is not UTF-8 (binary input, a terminal in another encoding) is reported and skipped.
     """
-    if sys.stdin.isatty():
-        import readline  # noqa: F401  (line editing and history for input())
-    # Under a UTF-8 locale stdin decodes strictly: input() would raise UnicodeDecodeError, and the rest of the
-    # bytes it had read (other lines) would be lost. Bytes that are not UTF-8 come as lone surrogates instead.
-    reconfigure = getattr(sys.stdin, "reconfigure", None)
-    if reconfigure is not None:
-        reconfigure(errors="surrogateescape")
+    read = read or stdin_reader()
     number = 0  # lines read
     while True:
         try:
-            line = input(PROMPT).strip()
-        except EOFError:
-            print()
-            return
+            line = read()
         except KeyboardInterrupt:
             print("\n(/sair or Ctrl-D to leave)")
             continue
+        if line is None:
+            print()
+            return
         number += 1
         problem = not_utf8(line)
         if problem:
@@ -285,6 +289,25 @@ def repl(chat: Chat) -> None:
             return
         if line:
             run_line(chat, line)
+
+
+def stdin_reader() -> ReadLine:
+    """A reader of stdin's lines, each stripped, None at its end; a terminal gets line editing and history."""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    # Under a UTF-8 locale stdin decodes strictly: input() would raise UnicodeDecodeError, and the rest of the
+    # bytes it had read (other lines) would be lost. Bytes that are not UTF-8 come as lone surrogates instead.
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
+
+    def read() -> str | None:
+        try:
+            return input(PROMPT).strip()
+        except EOFError:
+            return None
+
+    return read
 
 
 def run_line(chat: Chat, line: str) -> None:
