@@ -46,8 +46,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ConfigError("--teacher-continuations needs --teacher (the model that writes them)")
     run = RunConfig.from_yaml(args.config, parse_overrides(args.set))
     parallel, device = run.parallel, resolve_device(run.train.device)
-    layout = (parallel.data_parallel, parallel.timeout_s, run.train.batch_size, device, parallel.expert_parallel)
-    with distributed.process_group(*layout):
+    layout = (parallel.data_parallel, parallel.timeout_s, run.train.batch_size, device)
+    with distributed.process_group(*layout, parallel.expert_parallel, parallel.tensor_parallel):
         summary = make_trainer(run, args).fit(resume=args.resume, progress=not args.no_progress)
         main = distributed.is_main()
     if not main:  # under torchrun, rank 0 reports for all

@@ -63,10 +63,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def check_layout(data_parallel: str, batch_size: int, world: int | None = None, expert_parallel: int = 1) -> None:
+def check_layout(
+    data_parallel: str, batch_size: int, world: int | None = None, expert_parallel: int = 1, tensor_parallel: int = 1
+) -> None:
     """Refuse a layout that cannot run: several processes without ddp, a global batch they cannot split evenly,
-    or experts split over groups that do not divide them."""
+    experts split over groups that do not divide them, or a model split over other than all the processes."""
     world = launched_world_size() if world is None else world
+    if tensor_parallel > 1:
+        if tensor_parallel != world:
+            raise ConfigError(
+                f"parallel.tensor_parallel is {tensor_parallel} and there are {world} process(es): the model is split "
+                "over all the processes (start as many as tensor_parallel)"
+            )
+        return
     if world % expert_parallel:
         raise ConfigError(
             f"parallel.expert_parallel {expert_parallel} does not divide the {world} process(es) (the world size): "
@@ -77,7 +86,8 @@ def check_layout(data_parallel: str, batch_size: int, world: int | None = None, 
     if data_parallel == "none":
         raise ConfigError(
             f"running under torchrun with {world} processes, but parallel.data_parallel is none: "
-            "set parallel.data_parallel: ddp or fsdp to train data-parallel (or run a single process)"
+            "set parallel.data_parallel: ddp or fsdp to train data-parallel, or parallel.tensor_parallel to the number "
+            "of processes to split the model (or run a single process)"
         )
     if batch_size % world:
         raise ConfigError(
@@ -88,7 +98,12 @@ def check_layout(data_parallel: str, batch_size: int, world: int | None = None, 
 
 @contextlib.contextmanager
 def process_group(
-    data_parallel: str, timeout_s: float, batch_size: int, device: torch.device, expert_parallel: int = 1
+    data_parallel: str,
+    timeout_s: float,
+    batch_size: int,
+    device: torch.device,
+    expert_parallel: int = 1,
+    tensor_parallel: int = 1,
 ) -> Iterator[bool]:
     """Join torchrun's processes for the length of the block; yields whether the run is data-parallel.
 
@@ -96,8 +111,8 @@ def process_group(
     (see check_layout) is refused before any process waits for another.
     """
     world = launched_world_size()
-    check_layout(data_parallel, batch_size, world, expert_parallel)
-    if data_parallel == "none" or world <= 1:
+    check_layout(data_parallel, batch_size, world, expert_parallel, tensor_parallel)
+    if data_parallel == "none" and tensor_parallel == 1 or world <= 1:
         yield False
         return
     if not dist.is_available():

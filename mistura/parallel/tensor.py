@@ -32,6 +32,12 @@ The embedding looks up the rows of its vocabulary slice (zeros elsewhere) and su
 ranks; the head's logits are gathered whole (B, T, V), so sampling needs nothing more: the
 same logits on every rank, and the same seed, give the same token.
 
+Training runs through the same split (parallel.tensor_parallel): DTensor's styles sum the
+gradients of a replicated input where it enters a split projection, so the replicated weights
+get the same whole gradients on every rank; the one exception, MLA's rotary key, which every
+head reads but no split projection, has its gradient summed by a hook. `clip_grad_norm_` takes
+the norm over split and replicated parameters together.
+
 Caches: a rank's KVCache holds its n_kv_head / n heads; MLA's LatentCache (the latent and
 the rotary key, which all heads share) is whole on every rank.
 
@@ -47,9 +53,13 @@ slices of the routed experts are gathered whole.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
@@ -69,6 +79,7 @@ from mistura.convert.parallel import (
 from mistura.errors import ConfigError
 from mistura.loading import load, locate
 from mistura.model import Transformer
+from mistura.model.mla import MultiHeadLatentAttention
 from mistura.model.moe import Router
 from mistura.model.rope import RotaryEmbedding
 
@@ -84,7 +95,45 @@ def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
     parallelize_module(model, mesh, tensor_parallel_plan(model), src_data_rank=None)
     _tie_head(model)
     model.tensor_parallel = mesh.size()  # its caches hold this rank's heads
+    for module in model.modules():
+        if isinstance(module, MultiHeadLatentAttention):
+            module.kv_a_proj.register_forward_hook(_SumRopeKeyGradients(module.rank, mesh.get_group()))
     return model
+
+
+class _SumRopeKeyGradients:
+    """A forward hook on MLA's kv_a_proj, whose output is [latent, rotary key]: in training, the rotary key's
+    gradient summed over the ranks.
+
+    Every head attends with the one rotary key, which no split projection reads, so each rank's backward
+    gives it the gradient of its own heads alone; the sum over ranks is the key's gradient (Megatron's
+    "copy to the tensor-parallel region"). The latent needs nothing: kv_b_proj, column-parallel, sums its
+    gradient already.
+    """
+
+    def __init__(self, latent_width: int, group: dist.ProcessGroup):
+        self.latent_width, self.group = latent_width, group
+
+    def __call__(self, module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return output
+        latent, rope_key = output.split([self.latent_width, output.shape[-1] - self.latent_width], dim=-1)
+        return torch.cat([latent, _SumGradients.apply(rope_key, self.group)], dim=-1)
+
+
+class _SumGradients(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over a group's ranks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def check_tensor_parallel(config: ModelConfig, n: int) -> None:
@@ -183,3 +232,17 @@ def _restore_buffers(model: Transformer, device: str) -> None:
     empty = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if empty:
         raise RuntimeError(f"tensor parallelism: no values for the buffers {', '.join(empty)}")
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """Scale the gradients of a tensor-parallel model so that their norm is at most max_norm; returns the norm
+    before clipping. Split parameters are DTensors, whose norm covers every rank's shard; the others are the
+    same on every rank. Each kind is scaled apart: PyTorch's fused (foreach) kernels take one kind at a time."""
+    params = [p for p in parameters if p.grad is not None]
+    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds if kind]
+    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+    for kind in kinds:
+        torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total)
+    return float(total)

@@ -66,7 +66,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from mistura.checkpoint import (
@@ -81,7 +82,7 @@ from mistura.checkpoint import (
 )
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
-from mistura.parallel import dcp, distributed, expert, fsdp
+from mistura.parallel import dcp, distributed, expert, fsdp, tensor
 from mistura.train import state as train_state
 from mistura.train.config import ParallelConfig, TrainConfig
 from mistura.train.device import autocast_dtype, resolve_device
@@ -91,6 +92,14 @@ from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
 from mistura.train.progress import advance, ending, progress_bar
 
 IGNORE = -100  # a label the loss leaves out (cross-entropy's ignore_index)
+
+
+def ema_update(decay: float, parallel: ParallelConfig) -> dict[str, Callable]:
+    """AveragedModel's update for an EMA: fused over all parameters at once, or one parameter at a time where
+    split (DTensor) and whole ones mix, which PyTorch's fused (foreach) kernels do not take together."""
+    if parallel.tensor_parallel > 1:
+        return {"avg_fn": get_ema_avg_fn(decay)}
+    return {"multi_avg_fn": get_ema_multi_avg_fn(decay)}
 
 
 class Batches(Protocol):
@@ -134,34 +143,40 @@ class TrainLoop(ABC):
         """Train `model` (its parameters that require gradients): on the device, with its optimizer and EMA."""
         self.model = model.to(self.device)
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
-        self.ema = (
-            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema_decay), use_buffers=False)
-            if self.cfg.ema_decay is not None
-            else None
-        )
-        ep = self.parallel.expert_parallel if self.data_parallel else 1
-        self.expert_mesh = distributed.expert_mesh(ep, self.device) if ep > 1 else None
-        if self.expert_mesh is not None:  # the average too, expert for expert
-            for module in (self.model, self.averaged):
-                if module is not None:
-                    expert.shard_experts_(module, ep, self.expert_mesh["ep"].get_group())
+        parallel = self.parallel if self.data_parallel else ParallelConfig()
+        self.ema = None
+        if self.cfg.ema_decay is not None:
+            self.ema = AveragedModel(self.model, use_buffers=False, **ema_update(self.cfg.ema_decay, parallel))
+        self._split_weights(parallel)
         self.forward, self.ddp = self.model, None
-        if self.sharded and self.parallel.cpu_offload and self.device.type == "cpu":
-            raise ConfigError(
-                "parallel.cpu_offload keeps the shards in CPU memory while a GPU computes: this run trains on the CPU, "
-                "where they are already"
-            )
-        if self.sharded:  # the average too, shard for shard, before the optimizer takes the shards
-            for module in (self.model, self.averaged):
-                if module is not None:
-                    fsdp.shard_model(module, self.parallel.mixed_precision, self.parallel.cpu_offload)
-        elif self.data_parallel:
+        if self.data_parallel and not self.sharded and self.tensor_mesh is None:
             own_experts = expert.expert_parameters(self.model)  # each process's are its own: not all-reduced
             self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device, own_experts)
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.moe_monitor = MoEMonitor([i for i, kind in enumerate(model.config.layer_mlp) if kind != "dense"])
+
+    def _split_weights(self, parallel: ParallelConfig) -> None:
+        """Split the model, and the EMA average alike, as `parallel` says: the experts across processes, every
+        layer (tensor parallelism), every parameter into shards (FSDP); before the optimizer takes them."""
+        ep, tp = parallel.expert_parallel, parallel.tensor_parallel
+        self.expert_mesh = distributed.expert_mesh(ep, self.device) if ep > 1 else None
+        self.tensor_mesh = init_device_mesh(self.device.type, (tp,)) if tp > 1 else None
+        if self.sharded and parallel.cpu_offload and self.device.type == "cpu":
+            raise ConfigError(
+                "parallel.cpu_offload keeps the shards in CPU memory while a GPU computes: this run trains on the CPU, "
+                "where they are already"
+            )
+        for module in (self.model, self.averaged):
+            if module is None:
+                continue
+            if self.expert_mesh is not None:
+                expert.shard_experts_(module, ep, self.expert_mesh["ep"].get_group())
+            if self.tensor_mesh is not None:
+                tensor.parallelize(module, self.tensor_mesh)
+            if self.sharded:
+                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload)
 
     @abstractmethod
     def validation_batches(self) -> Iterable[Any]:
@@ -221,6 +236,12 @@ class TrainLoop(ABC):
         return self.fraction_done >= 1.0 and self.step < self.cfg.max_steps
 
     @property
+    def splits_weights(self) -> bool:
+        """Whether each process holds only part of the weights (FSDP, expert or tensor parallelism), and so saves
+        distributed checkpoints."""
+        return self.sharded or self.expert_mesh is not None or self.tensor_mesh is not None
+
+    @property
     def averaged(self) -> Transformer | None:
         """The EMA average of the weights, None without EMA."""
         return self.ema.module if self.ema is not None else None
@@ -276,6 +297,8 @@ class TrainLoop(ABC):
         if self.expert_mesh is not None:
             expert.average_expert_grads_(self.model, self.expert_mesh)
             grad_norm = expert.clip_grad_norm_(self.model, clip, self.expert_mesh)
+        elif self.tensor_mesh is not None:
+            grad_norm = tensor.clip_grad_norm_(self.model.parameters(), clip)
         else:
             grad_norm = float(fsdp.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
         self.optimizer.step()
@@ -319,7 +342,7 @@ class TrainLoop(ABC):
         """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints: rank 0 alone,
         or each process its shards of a distributed checkpoint."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
-        if self.sharded or self.expert_mesh is not None:
+        if self.splits_weights:
             tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged, self.expert_mesh)
             dcp.save(final, tensors, lambda tmp: self._save_beside_shards(tmp, param_groups))
         elif self.main:
@@ -369,11 +392,11 @@ class TrainLoop(ABC):
         if is_distributed(directory):
             groups = meta["optimizer"]["param_groups"]
             dcp.restore(directory, groups, self.model, self.optimizer, self.averaged, self.expert_mesh)
-        elif self.sharded or self.expert_mesh is not None:
+        elif self.splits_weights:
             raise CheckpointError(
                 f"{directory} is a single-process checkpoint, and a run that splits its weights (parallel."
-                "data_parallel: fsdp, or parallel.expert_parallel) resumes distributed checkpoints only: resume it "
-                "with parallel.data_parallel ddp or none and no expert_parallel"
+                "data_parallel: fsdp, expert_parallel or tensor_parallel) resumes distributed checkpoints only: "
+                "resume it with parallel.data_parallel ddp or none, and neither expert nor tensor parallelism"
             )
         else:
             self._load_full(directory, meta, tensors)

@@ -34,9 +34,11 @@ from mistura.train.loop import TrainLoop
 
 class Trainer(TrainLoop):
     def __init__(self, run: RunConfig, log=print, clock: Callable[[], float] = time.perf_counter):
-        distributed.check_layout(run.parallel.data_parallel, run.train.batch_size, None, run.parallel.expert_parallel)
-        data_parallel = run.parallel.data_parallel != "none" and distributed.launched_world_size() > 1
-        super().__init__(run.train, log, clock, parallel=run.parallel if data_parallel else None)
+        parallel = run.parallel
+        layout = (parallel.data_parallel, run.train.batch_size, None)
+        distributed.check_layout(*layout, parallel.expert_parallel, parallel.tensor_parallel)
+        several = distributed.launched_world_size() > 1
+        super().__init__(run.train, log, clock, parallel=parallel if several else None)
         if self.device.type == "cpu" and self.cfg.retain_cpu_memory:
             retain_freed_memory()
         with distributed.main_first():  # rank 0 prepares the data, if it must, before the others read it
@@ -46,13 +48,13 @@ class Trainer(TrainLoop):
         self.run = run = dataclasses.replace(
             run, model=dataclasses.replace(run.model, vocab_size=self.meta["vocab_size"])
         )
-        if data_parallel:
+        if several:
             distributed.check_same_config(run_to_dict(run))
         torch.manual_seed(self.cfg.seed)
         self.use_model(Transformer(run.model))
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])
         self.loader = BatchLoader(tokens, self.cfg.batch_size, run.model.max_seq_len, self.cfg.seed, self.device)
-        if data_parallel:  # the same global batch everywhere, this process's rows of it
+        if several and parallel.tensor_parallel == 1:  # the same global batch everywhere, this process's rows of it
             self.loader = distributed.RankSlice(
                 self.loader, self.cfg.batch_size, distributed.rank(), distributed.world_size()
             )
@@ -83,7 +85,9 @@ class Trainer(TrainLoop):
         cfg = self.cfg
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
         ddp = ""
-        if self.data_parallel:
+        if self.tensor_mesh is not None:
+            ddp = f" | tensor-parallel over {distributed.world_size()} processes"
+        elif self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
             if self.expert_mesh is not None:
                 ddp += f", experts split over {self.parallel.expert_parallel}"

@@ -1,0 +1,66 @@
+"""Pretraining with every layer split over the processes (parallel.tensor_parallel), for real under torchrun: the
+processes train on the same rows, and the run must follow the single-process run; its distributed checkpoints
+resume in one process."""
+
+import shutil
+
+import pytest
+import torch.distributed as dist
+
+from mistura.checkpoint import is_distributed
+from mistura.errors import ConfigError
+from mistura.train.config import RunConfig
+from tests.parallel.conftest import (
+    MOE,
+    MOE_WEIGHT_ATOL,
+    STEPS,
+    assert_same_run,
+    final_weights,
+    mistura_train,
+    train_losses,
+    trained,
+)
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
+
+TP = {"data_parallel": "none", "tensor_parallel": 2}
+MLA = {"preset": "dragao-tiny", "n_head": 4, "n_kv_head": 4, "d_model": 32}
+
+
+@pytest.mark.parametrize(
+    ("model", "train"), [(None, {"ema_decay": 0.9}), (MOE, {"grad_accum": 2}), (MLA, {})], ids=["gqa", "moe", "mla"]
+)
+def test_tensor_parallel_follows_one_process(config, tmp_path, model, train):
+    trained(config("one", model=model, **train))
+    two = trained(config("two", model=model, parallel=TP, **train), 2)
+    loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "two", MOE_WEIGHT_ATOL)
+    print(f"tp 2: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    assert "tensor-parallel over 2 processes" in two.stdout and "samples:" in two.stdout
+    assert is_distributed(tmp_path / f"two/checkpoints/step-{STEPS:07d}")
+
+
+def test_mla_tensor_parallel_resumes_in_one_process(config, tmp_path):
+    path = config("two", model=MLA, parallel=TP)
+    trained(path, 2)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / f"checkpoints/step-{STEPS:07d}")
+    single = path.read_text().replace(str(tmp_path / "two"), str(resumed))
+    (tmp_path / "resumed.yaml").write_text(single.replace('"tensor_parallel": 2', '"tensor_parallel": 1'))
+    assert "at step 10" in trained(tmp_path / "resumed.yaml", None, "--resume").stdout
+    full, again = train_losses(tmp_path / "two"), train_losses(resumed)
+    assert max(abs(a - b) / a for a, b in zip(full, again)) < 1e-5
+    weights, whole = final_weights(tmp_path / "two"), final_weights(resumed)
+    assert max((weights[k] - whole[k]).abs().max().item() for k in weights) < MOE_WEIGHT_ATOL
+
+
+def test_bad_tensor_parallel_layouts_are_refused(config):
+    result = mistura_train(config("three", parallel={**TP, "tensor_parallel": 3}), 2)
+    assert result.returncode != 0
+    assert result.stderr.count("parallel.tensor_parallel is 3 and there are 2 process(es)") == 2, result.stderr
+    result = mistura_train(config("kv", model={"n_kv_head": 1}, parallel=TP), 2)
+    assert result.returncode != 0 and "n_kv_head" in result.stderr, result.stderr
+    with pytest.raises(ConfigError, match="beside it is not supported yet"):
+        RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "tensor_parallel": 2}})
