@@ -198,6 +198,16 @@ ROWS = [
     train("a section that is not a mapping", "model", "model: 3\n"),
     train("a section that is a list", "train: expected a mapping", "train: [1, 2]\n"),
     train("config not UTF-8", "run.yaml is not UTF-8", b"model:\n  name: \xff\xfe\n"),
+    train("unknown data_parallel", "parallel.data_parallel", TRAIN + "parallel:\n  data_parallel: zero3\n"),
+    train(
+        "expert_parallel without ddp", "beside parallel.data_parallel: ddp", TRAIN + "parallel:\n  expert_parallel: 2\n"
+    ),
+    train(
+        "tensor_parallel in one process",
+        "tensor_parallel is 2 and there are 1",
+        TRAIN + "parallel:\n  tensor_parallel: 2\n",
+    ),
+    train("cpu_offload without fsdp", "are FSDP's", TRAIN + "parallel:\n  cpu_offload: true\n"),
     Row("train: missing config file", ["train", "{tmp}/nowhere.yaml"], "config file not found"),
     train("--set without =", "--set expects key=value", TRAIN, "--set", "train.max_steps"),
     train("--set of an unknown field", "unknown key 'max_stepz'", TRAIN, "--set", "train.max_stepz=3"),
@@ -293,6 +303,12 @@ ROWS = [
     Row("convert from-hf: unknown model_type", FROM_HF, "'gpt-17'", {"hf/config.json": '{"model_type": "gpt-17"}'}),
     Row("convert from-hf: binary config.json", FROM_HF, "config.json", {"hf/config.json": b"\xff\xfe"}),
     Row("convert from-hf: a mistura checkpoint", ["convert", "from-hf", "{ckpt}", "{tmp}/out"], "already"),
+    Row(
+        "convert from-distributed: a whole checkpoint",
+        ["convert", "from-distributed", "{ckpt}", "{tmp}/out"],
+        "not a distributed checkpoint",
+    ),
+    Row("convert from-distributed: missing", ["convert", "from-distributed", "{tmp}/no", "{tmp}/out"], "checkpoint not found"),
     Row("convert from-hf: bad --max-shard-size", [*FROM_HF, "--max-shard-size", "lots"], "max_shard_size"),
     Row("convert from-hf: bad --dtype", [*FROM_HF, "--dtype", "int7"], "dtype"),
     Row(

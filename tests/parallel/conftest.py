@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import mistura
 from mistura.train.loggers import read_metrics
@@ -15,6 +16,9 @@ from tests.conftest import tiny_run
 from tests.parallel.spawn import torchrun_launcher
 from tests.train.test_moe_training import KINDS
 
+NEEDS_GLOO = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
+)
 STEPS = 20
 # fp32 sums taken in another order (two half-batch means averaged, not one mean): the loss curves and the
 # weights agree to float rounding, which 20 Adam steps amplify a little.

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 import mistura
 from mistura.data.bins import BatchLoader
@@ -24,6 +23,7 @@ from mistura.train.trainer import run_to_dict
 from tests.parallel.conftest import (
     MOE,
     MOE_WEIGHT_ATOL,
+    NEEDS_GLOO,
     STEPS,
     assert_same_run,
     final_weights,
@@ -33,9 +33,7 @@ from tests.parallel.conftest import (
 )
 from tests.parallel.spawn import free_port, torchrun_launcher
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = NEEDS_GLOO
 
 
 def test_two_processes_follow_one(config, tmp_path):

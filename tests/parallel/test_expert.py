@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mistura.config import ModelConfig, MoEConfig
@@ -20,11 +19,10 @@ from mistura.lora import LoRAConfig, apply_lora
 from mistura.model import Transformer
 from mistura.model.moe import MoELayer
 from mistura.parallel.expert import ExpertParallelMoE, comm_bytes, full_state_dict, reset_comm_bytes, shard_experts_
+from tests.parallel.conftest import NEEDS_GLOO
 from tests.parallel.spawn import run_ranks
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = NEEDS_GLOO
 
 # fp32 throughout. The split layer sums the same products in another order (gate weights applied after the down
 # projection, expert gradients summed over ranks by autograd rather than over one batch), so it agrees to rounding,

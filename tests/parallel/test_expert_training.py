@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from mistura.checkpoint import is_distributed
 from mistura.errors import ConfigError
@@ -13,6 +12,7 @@ from mistura.train.config import RunConfig
 from tests.parallel.conftest import (
     MOE,
     MOE_WEIGHT_ATOL,
+    NEEDS_GLOO,
     STEPS,
     assert_same_run,
     final_weights,
@@ -22,9 +22,7 @@ from tests.parallel.conftest import (
 )
 from tests.train.test_moe_training import KINDS
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = NEEDS_GLOO
 
 # Softmax top-2 over 8 experts, dropless and without balance losses: capacity and the balance losses are taken
 # over each process's rows, so with them a data-parallel run is a different (equally valid) run.

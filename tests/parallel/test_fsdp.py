@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import mistura
@@ -23,6 +22,7 @@ from mistura.train.loggers import read_metrics
 from tests.parallel.conftest import (
     MOE,
     MOE_WEIGHT_ATOL,
+    NEEDS_GLOO,
     STEPS,
     assert_same_run,
     final_weights,
@@ -32,9 +32,7 @@ from tests.parallel.conftest import (
 )
 from tests.parallel.spawn import run_ranks, torchrun_launcher
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = NEEDS_GLOO
 
 FSDP = {"data_parallel": "fsdp"}
 

@@ -5,7 +5,6 @@ resume in one process."""
 import shutil
 
 import pytest
-import torch.distributed as dist
 
 from mistura.checkpoint import is_distributed
 from mistura.errors import ConfigError
@@ -13,6 +12,7 @@ from mistura.train.config import RunConfig
 from tests.parallel.conftest import (
     MOE,
     MOE_WEIGHT_ATOL,
+    NEEDS_GLOO,
     STEPS,
     assert_same_run,
     final_weights,
@@ -21,9 +21,7 @@ from tests.parallel.conftest import (
     trained,
 )
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
-)
+pytestmark = NEEDS_GLOO
 
 TP = {"data_parallel": "none", "tensor_parallel": 2}
 MLA = {"preset": "dragao-tiny", "n_head": 4, "n_kv_head": 4, "d_model": 32}
