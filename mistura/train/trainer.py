@@ -80,7 +80,8 @@ class Trainer(TrainLoop):
         return run_to_dict(self.run)
 
     def describe(self) -> str:
-        n_params = sum(p.numel() for p in self.model.parameters())
+        with torch.device("meta"):  # the whole model's count, though a process may hold only part of it
+            n_params = sum(p.numel() for p in Transformer(self.run.model).parameters())
         amp = "bf16 autocast" if self.amp_dtype else "fp32"
         cfg = self.cfg
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
