@@ -308,7 +308,7 @@ ROWS = [
         ["convert", "from-distributed", "{ckpt}", "{tmp}/out"],
         "not a distributed checkpoint",
     ),
-    Row("convert from-distributed: missing", ["convert", "from-distributed", "{tmp}/no", "{tmp}/out"], "checkpoint not found"),
+    Row("convert from-distributed: missing", ["convert", "from-distributed", "{tmp}/no", "{tmp}/o"], "not found"),
     Row("convert from-hf: bad --max-shard-size", [*FROM_HF, "--max-shard-size", "lots"], "max_shard_size"),
     Row("convert from-hf: bad --dtype", [*FROM_HF, "--dtype", "int7"], "dtype"),
     Row(

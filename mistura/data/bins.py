@@ -78,7 +78,11 @@ class SeededBatches:
 
 
 class BatchLoader(SeededBatches):
-    """Random (x, y) windows from a token array, reproducible batch by batch."""
+    """Random (x, y) windows from a token array, reproducible batch by batch.
+
+    `rows` keeps only those rows of each batch, reading only their tokens: a data-parallel process's part
+    of the global batch, which every process draws alike (the same offsets, from the same seed).
+    """
 
     def __init__(
         self,
@@ -87,6 +91,7 @@ class BatchLoader(SeededBatches):
         block_size: int,
         seed: int,
         device: str | torch.device = "cpu",
+        rows: slice = slice(None),
     ) -> None:
         if batch_size < 1 or block_size < 1 or seed < 0:
             raise ConfigError(
@@ -103,12 +108,13 @@ class BatchLoader(SeededBatches):
         self.block_size = block_size
         self.seed = seed
         self.device = torch.device(device)
+        self.rows = rows
         self.batches_drawn = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next (x, y), both int64 of shape (batch_size, block_size) on the device."""
+        """The next (x, y), both int64 of shape (batch_size, block_size) on the device (or the rows kept)."""
         rng = np.random.default_rng([self.seed, self.batches_drawn])
-        offsets = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)  # (B,)
+        offsets = rng.integers(0, len(self.tokens) - self.block_size, size=self.batch_size)[self.rows]  # (B,)
         positions = offsets[:, None] + np.arange(self.block_size)  # (B, T)
         x = torch.from_numpy(self.tokens[positions].astype(np.int64))
         y = torch.from_numpy(self.tokens[positions + 1].astype(np.int64))

@@ -11,7 +11,7 @@ left; processes given different run configs are refused on every one of them
 (`check_same_config`).
 
 Every process draws the same global batch (train.batch_size rows, from the same seeded
-loader) and trains on its own contiguous rows of it (`RankSlice`); DistributedDataParallel
+loader) and reads and trains on its own contiguous rows of it (`rank_rows`); DistributedDataParallel
 (or FSDP2, see mistura.parallel.sharded) averages the gradients, which over equal slices is the
 global batch's mean, so a run on N processes follows the single-process run: same data order,
 same updates up to float rounding.
@@ -70,10 +70,16 @@ def check_layout(
     experts split over groups that do not divide them, or a model split over other than all the processes."""
     world = launched_world_size() if world is None else world
     if tensor_parallel > 1:
-        if tensor_parallel != world:
+        alone = data_parallel == "none"
+        if tensor_parallel != world if alone else world % tensor_parallel:
             raise ConfigError(
                 f"parallel.tensor_parallel is {tensor_parallel} and there are {world} process(es): the model is split "
-                "over all the processes (start as many as tensor_parallel)"
+                + ("over all of them (start as many)" if alone else "over groups of that many (start a multiple)")
+            )
+        if batch_size % (world // tensor_parallel):
+            raise ConfigError(
+                f"train.batch_size {batch_size} is not divisible by the {world // tensor_parallel} data-parallel "
+                "groups of processes: each trains on an equal slice of the global batch"
             )
         return
     if world % expert_parallel:
@@ -267,24 +273,10 @@ def sum_across_ranks_(tensors: Iterable[torch.Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
-class RankSlice:
-    """This process's contiguous rows of each global batch a loader draws: rows [r * B/N, (r + 1) * B/N).
-
-    Its state is the loader's, the same on every process, so a checkpoint of rank 0 resumes them all.
-    """
-
-    def __init__(self, loader: Any, batch_size: int, rank: int, world: int):
-        if batch_size % world:
-            raise ConfigError(f"train.batch_size {batch_size} is not divisible by the world size {world}")
-        self.loader = loader
-        rows = batch_size // world
-        self.rows = slice(rank * rows, (rank + 1) * rows)
-
-    def next_batch(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t[self.rows] for t in self.loader.next_batch())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+def rank_rows(batch_size: int, index: int, count: int) -> slice:
+    """The contiguous rows of each global batch of the `index`-th of `count` data-parallel processes (or groups):
+    rows [i * B/N, (i + 1) * B/N)."""
+    if batch_size % count:
+        raise ConfigError(f"train.batch_size {batch_size} is not divisible by the {count} data-parallel processes")
+    rows = batch_size // count
+    return slice(index * rows, (index + 1) * rows)

@@ -16,21 +16,27 @@ state in CPU memory, moving each unit's shards to the device for its gather.
 from __future__ import annotations
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from mistura.model import Transformer
 
 
-def shard_model(model: Transformer, mixed_precision: str = "none", cpu_offload: bool = False) -> Transformer:
-    """Shard `model` in place over the default process group: one FSDP unit per block, then the root."""
+def shard_model(
+    model: Transformer, mixed_precision: str = "none", cpu_offload: bool = False, mesh: DeviceMesh | None = None
+) -> Transformer:
+    """Shard `model` in place over `mesh` (all the processes when None): one FSDP unit per block, then the root.
+
+    A tensor-parallel model is sharded over the data-parallel dimension of its mesh: each process's
+    tensor-parallel slices split further over the processes that hold the same slices.
+    """
     precision = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=precision, offload_policy=offload)
-    fully_shard(model, mp_policy=precision, offload_policy=offload)
+    for module in (*model.blocks, model):
+        fully_shard(module, mesh=mesh, mp_policy=precision, offload_policy=offload)
     return model
 
 

@@ -237,12 +237,15 @@ def _restore_buffers(model: Transformer, device: str) -> None:
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Scale the gradients of a tensor-parallel model so that their norm is at most max_norm; returns the norm
-    before clipping. Split parameters are DTensors, whose norm covers every rank's shard; the others are the
-    same on every rank. Each kind is scaled apart: PyTorch's fused (foreach) kernels take one kind at a time."""
-    params = [p for p in parameters if p.grad is not None]
-    kinds = [[p for p in params if isinstance(p, DTensor)], [p for p in params if not isinstance(p, DTensor)]]
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds if kind]
+    before clipping. Split parameters are DTensors, whose norm covers every rank's shard (on the tensor-parallel
+    mesh, or, sharded by FSDP as well, on the data-parallel one or both); the others are the same on every rank.
+    Each kind is scaled apart: PyTorch's fused (foreach) kernels take one mesh, or plain tensors, at a time."""
+    kinds: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds.values()]
     total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
-    for kind in kinds:
+    for kind in kinds.values():
         torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total)
     return float(total)

@@ -113,16 +113,17 @@ class ParallelConfig:
     expert_parallel ep (with ddp): each process holds n_experts / ep of every MoE layer's routed
     experts, and tokens travel to their experts by all_to_all (see mistura.parallel.expert);
     ep divides the number of processes, and checkpoints are distributed.
-    tensor_parallel tp: every layer split Megatron-style over the tp processes (see
-    mistura.parallel.tensor), which all train on the same rows; for now tp is the number of
-    processes (no data parallelism beside it). Checkpoints are distributed.
+    tensor_parallel tp: every layer split Megatron-style over groups of tp processes (see
+    mistura.parallel.tensor), which train on the same rows; alone, tp is the number of processes;
+    with fsdp, the processes form a (world / tp, tp) mesh, and FSDP shards each tp slice over the
+    data-parallel dimension, whose processes train on their own rows. Checkpoints are distributed.
     """
 
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"
     mixed_precision: Literal["none", "bf16"] = "none"  # fsdp: the dtype of gathered parameters
     cpu_offload: bool = False  # fsdp: shards, gradients and optimizer state in CPU memory
     expert_parallel: int = 1  # ddp: each MoE layer's routed experts split over groups of this many processes
-    tensor_parallel: int = 1  # heads, hidden channels and vocabulary split over this many processes (all of them)
+    tensor_parallel: int = 1  # heads, hidden channels and vocabulary split over groups of this many processes
     timeout_s: float = 300.0  # how long a collective waits for the other processes: a dead one fails the run
 
     def __post_init__(self) -> None:
@@ -137,10 +138,10 @@ class ParallelConfig:
             )
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and (self.data_parallel != "none" or self.expert_parallel > 1):
+        if self.tensor_parallel > 1 and (self.data_parallel == "ddp" or self.expert_parallel > 1):
             raise ConfigError(
-                "parallel.tensor_parallel splits the model over all the processes, which train on the same rows: "
-                "data parallelism or expert parallelism beside it is not supported yet (set data_parallel: none)"
+                "parallel.tensor_parallel runs alone (data_parallel: none) or beside data_parallel: fsdp; "
+                "ddp or expert parallelism beside it is not supported yet"
             )
         if self.data_parallel != "fsdp" and (self.mixed_precision != "none" or self.cpu_offload):
             raise ConfigError(

@@ -162,7 +162,10 @@ class TrainLoop(ABC):
         layer (tensor parallelism), every parameter into shards (FSDP); before the optimizer takes them."""
         ep, tp = parallel.expert_parallel, parallel.tensor_parallel
         self.expert_mesh = distributed.expert_mesh(ep, self.device) if ep > 1 else None
-        self.tensor_mesh = init_device_mesh(self.device.type, (tp,)) if tp > 1 else None
+        self.tensor_mesh = self.data_mesh = None
+        if tp > 1:  # processes [i * tp, (i + 1) * tp) split the layers; across them, FSDP (if on) shards the slices
+            mesh = init_device_mesh(self.device.type, (distributed.world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
+            self.tensor_mesh, self.data_mesh = mesh["tp"], mesh["dp"]
         if self.sharded and parallel.cpu_offload and self.device.type == "cpu":
             raise ConfigError(
                 "parallel.cpu_offload keeps the shards in CPU memory while a GPU computes: this run trains on the CPU, "
@@ -176,7 +179,16 @@ class TrainLoop(ABC):
             if self.tensor_mesh is not None:
                 tensor.parallelize(module, self.tensor_mesh)
             if self.sharded:
-                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload)
+                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload, self.data_mesh)
+
+    def batch_rows(self, batch_size: int) -> slice:
+        """The rows of each global batch this process trains on: its own when data-parallel, its tensor-parallel
+        group's beside FSDP, all of them alone or split over all processes by tensor parallelism."""
+        if not self.data_parallel:
+            return slice(None)
+        if self.data_mesh is not None:
+            return distributed.rank_rows(batch_size, self.data_mesh.get_local_rank(), self.data_mesh.size())
+        return distributed.rank_rows(batch_size, distributed.rank(), distributed.world_size())
 
     @abstractmethod
     def validation_batches(self) -> Iterable[Any]:

@@ -53,11 +53,9 @@ class Trainer(TrainLoop):
         torch.manual_seed(self.cfg.seed)
         self.use_model(Transformer(run.model))
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])
-        self.loader = BatchLoader(tokens, self.cfg.batch_size, run.model.max_seq_len, self.cfg.seed, self.device)
-        if several and parallel.tensor_parallel == 1:  # the same global batch everywhere, this process's rows of it
-            self.loader = distributed.RankSlice(
-                self.loader, self.cfg.batch_size, distributed.rank(), distributed.world_size()
-            )
+        rows = self.batch_rows(self.cfg.batch_size)  # every process draws the same global batch, reads its rows
+        cfg = self.cfg
+        self.loader = BatchLoader(tokens, cfg.batch_size, run.model.max_seq_len, cfg.seed, self.device, rows=rows)
         self.val_tokens = open_tokens(self.data_dir / "val.bin", self.meta["dtype"])
         self.tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * run.model.max_seq_len
 
@@ -87,7 +85,9 @@ class Trainer(TrainLoop):
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
         ddp = ""
         if self.tensor_mesh is not None:
-            ddp = f" | tensor-parallel over {distributed.world_size()} processes"
+            ddp = f" | tensor-parallel over {self.tensor_mesh.size()} processes"
+            if self.sharded:
+                ddp += f", data-parallel (fsdp) over {self.data_mesh.size()} groups"
         elif self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
             if self.expert_mesh is not None:

@@ -16,7 +16,7 @@ import torch
 import mistura
 from mistura.data.bins import BatchLoader
 from mistura.errors import ConfigError
-from mistura.parallel.distributed import RankSlice, check_layout
+from mistura.parallel.distributed import check_layout
 from mistura.train.config import RunConfig
 from mistura.train.loggers import read_metrics
 from mistura.train.trainer import run_to_dict
@@ -162,7 +162,7 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_with_a_clear_error(config, tmp_
 def test_each_process_gets_its_rows_of_the_same_global_batch():
     tokens = np.arange(1000, dtype=np.uint16)
     whole = BatchLoader(tokens, 4, 8, seed=3).next_batch()
-    parts = [RankSlice(BatchLoader(tokens, 4, 8, seed=3), 4, rank, 2) for rank in range(2)]
+    parts = [BatchLoader(tokens, 4, 8, seed=3, rows=slice(2 * rank, 2 * rank + 2)) for rank in range(2)]
     halves = [part.next_batch() for part in parts]
     for i in range(2):  # x, then y
         assert torch.equal(torch.cat([h[i] for h in halves]), whole[i])
@@ -187,6 +187,7 @@ def test_parallel_section_is_validated_and_recorded_only_when_set():
         "mixed_precision": "none",
         "cpu_offload": False,
         "expert_parallel": 1,
+        "tensor_parallel": 1,
         "timeout_s": 30.0,
     }
     with pytest.raises(ConfigError, match="parallel.data_parallel"):

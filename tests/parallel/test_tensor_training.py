@@ -39,6 +39,17 @@ def test_tensor_parallel_follows_one_process(config, tmp_path, model, train):
     assert is_distributed(tmp_path / f"two/checkpoints/step-{STEPS:07d}")
 
 
+@pytest.mark.parametrize("model", [None, MLA], ids=["gqa", "mla"])
+def test_tensor_parallel_beside_fsdp_follows_one_process(config, tmp_path, model):
+    """4 processes: two groups split the layers in two, FSDP shards each half over the groups, which train on
+    their own rows."""
+    trained(config("one", model=model))
+    four = trained(config("four", model=model, parallel={"data_parallel": "fsdp", "tensor_parallel": 2}), 4)
+    loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "four", MOE_WEIGHT_ATOL)
+    print(f"tp 2 x fsdp 2: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    assert "tensor-parallel over 2 processes, data-parallel (fsdp) over 2 groups" in four.stdout
+
+
 def test_mla_tensor_parallel_resumes_in_one_process(config, tmp_path):
     path = config("two", model=MLA, parallel=TP)
     trained(path, 2)
@@ -58,7 +69,9 @@ def test_bad_tensor_parallel_layouts_are_refused(config):
     result = mistura_train(config("three", parallel={**TP, "tensor_parallel": 3}), 2)
     assert result.returncode != 0
     assert result.stderr.count("parallel.tensor_parallel is 3 and there are 2 process(es)") == 2, result.stderr
+    result = mistura_train(config("odd", parallel={"data_parallel": "fsdp", "tensor_parallel": 2}, batch_size=3), 4)
+    assert result.returncode != 0 and "batch_size 3 is not divisible by the 2 data-parallel" in result.stderr
     result = mistura_train(config("kv", model={"n_kv_head": 1}, parallel=TP), 2)
     assert result.returncode != 0 and "n_kv_head" in result.stderr, result.stderr
-    with pytest.raises(ConfigError, match="beside it is not supported yet"):
+    with pytest.raises(ConfigError, match="ddp or expert parallelism beside it is not supported yet"):
         RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "tensor_parallel": 2}})
