@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from mistura.errors import ConfigError, DistributedError
@@ -280,3 +281,24 @@ def rank_rows(batch_size: int, index: int, count: int) -> slice:
         raise ConfigError(f"train.batch_size {batch_size} is not divisible by the {count} data-parallel processes")
     rows = batch_size // count
     return slice(index * rows, (index + 1) * rows)
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of the gradients of `params`, plain tensors or DTensors of any meshes (split by tensor parallelism,
+    sharded by FSDP): each DTensor's norm covers all its shards."""
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in _by_mesh(params)]
+    return torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
+
+
+def clip_grads_(params: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
+    """Scale the gradients of `params`, whose norm is `total`, to a norm of at most max_norm: one mesh's
+    DTensors, or the plain tensors, at a time, as PyTorch's fused (foreach) kernels take them."""
+    for kind in _by_mesh(params):
+        torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total)
+
+
+def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    kinds: dict[DeviceMesh | None, list[torch.Tensor]] = {}
+    for p in params:
+        kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return list(kinds.values())

@@ -50,10 +50,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from mistura.errors import ConfigError
 from mistura.model.moe import CollaborativeExperts, GroupedExperts, MoEAux, MoELayer
+from mistura.parallel.distributed import clip_grads_, grad_norm
 
 
 def shard_experts_(model: nn.Module, ep: int, group: dist.ProcessGroup | None = None) -> nn.Module:
@@ -260,10 +261,14 @@ def expert_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def average_expert_grads_(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Make the experts' gradients those of the mean loss over every process, as DDP's are: the all_to_all's
-    backward summed the ep group's losses into them; add the replicas' and divide by the world size."""
+def average_expert_grads_(model: nn.Module, mesh: DeviceMesh, sharded: bool = False) -> None:
+    """Make the experts' gradients those of the mean loss over every process, as the others' are: the
+    all_to_all's backward summed the ep group's losses into them; add the replicas' and divide by the world
+    size. Sharded by FSDP, whose reduce-scatter has averaged them over the replicas, divide by ep."""
     grads = [p.grad for p in expert_parameters(model).values() if p.grad is not None]
+    if sharded:
+        torch._foreach_div_(grads, mesh["ep"].size())
+        return
     if mesh["replica"].size() > 1:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat, group=mesh["replica"].get_group())
@@ -274,14 +279,15 @@ def average_expert_grads_(model: nn.Module, mesh: DeviceMesh) -> None:
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, mesh: DeviceMesh) -> float:
     """Scale every gradient so that the norm of the whole model's gradient is at most max_norm; returns that
-    norm before clipping: the replicated parameters' (equal everywhere), and the ep group's experts' summed."""
+    norm before clipping: the other parameters' (equal everywhere, or sharded by FSDP), and the ep group's
+    experts' summed."""
     experts = set(expert_parameters(model).values())
     params = [p for p in model.parameters() if p.grad is not None]
-    shared = torch.nn.utils.get_total_norm([p.grad for p in params if p not in experts])
-    own = torch.nn.utils.get_total_norm([p.grad for p in params if p in experts]).pow(2)
+    shared = grad_norm([p for p in params if p not in experts])
+    own = grad_norm([p for p in params if p in experts]).pow(2)
     dist.all_reduce(own, group=mesh["ep"].get_group())
     total = (shared.pow(2) + own).sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    clip_grads_(params, max_norm, total)
     return float(total)
 
 
@@ -296,15 +302,26 @@ def as_global_(state: dict[str, Any], model: nn.Module, mesh: DeviceMesh) -> Non
 
 
 def _split(tensor: torch.Tensor, mesh: DeviceMesh) -> DTensor:
-    """This rank's slice of experts as the whole stack's DTensor (no copy)."""
-    return DTensor.from_local(tensor, mesh, SPLIT, run_check=False)
+    """This rank's slice of experts as the whole stack's DTensor: sharing its tensor, or, sharded by FSDP over the
+    replicas, gathered whole first."""
+    local = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return DTensor.from_local(local, mesh, SPLIT, run_check=False)
 
 
 def as_local_(state: dict[str, Any], model: nn.Module) -> None:
-    """Undo `as_global_`: this rank's experts' tensors again, in place."""
-    for name in expert_parameters(model):
+    """Undo `as_global_`: this rank's experts' tensors again, sharded over the replicas as the model's are, in place."""
+    for name, param in expert_parameters(model).items():
         if name in state:
-            state[name] = _apply(state[name], lambda t: t.to_local() if isinstance(t, DTensor) else t)
+            state[name] = _apply(state[name], lambda t, param=param: _local(t, param))
+
+
+def _local(tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """An entry of `as_global_`'s as `param` holds it: its slice of experts, or that slice's FSDP shard."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if isinstance(param, DTensor):
+        return distribute_tensor(tensor.to_local(), param.device_mesh, param.placements, src_data_rank=None)
+    return tensor.to_local()
 
 
 def _apply(entry: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

@@ -21,20 +21,31 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from mistura.model import Transformer
+from mistura.parallel.expert import ExpertParallelMoE
 
 
 def shard_model(
-    model: Transformer, mixed_precision: str = "none", cpu_offload: bool = False, mesh: DeviceMesh | None = None
+    model: Transformer,
+    mixed_precision: str = "none",
+    cpu_offload: bool = False,
+    mesh: DeviceMesh | None = None,
+    expert_mesh: DeviceMesh | None = None,
 ) -> Transformer:
     """Shard `model` in place over `mesh` (all the processes when None): one FSDP unit per block, then the root.
 
     A tensor-parallel model is sharded over the data-parallel dimension of its mesh: each process's
-    tensor-parallel slices split further over the processes that hold the same slices.
+    tensor-parallel slices split further over the processes that hold the same slices. With experts split
+    over the "ep" dimension of `expert_mesh` (mistura.parallel.expert), each layer's own experts are a unit
+    of their own, sharded over its "replica" dimension, the processes that hold the same experts (their
+    gradients averaged over those; see expert.average_expert_grads_ for the rest).
     """
     precision = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    for layer in model.modules() if expert_mesh is not None else ():
+        if isinstance(layer, ExpertParallelMoE):
+            fully_shard(layer.experts, mesh=expert_mesh["replica"], mp_policy=precision, offload_policy=offload)
     for module in (*model.blocks, model):
         fully_shard(module, mesh=mesh, mp_policy=precision, offload_policy=offload)
     return model

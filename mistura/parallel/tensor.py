@@ -82,6 +82,7 @@ from mistura.model import Transformer
 from mistura.model.mla import MultiHeadLatentAttention
 from mistura.model.moe import Router
 from mistura.model.rope import RotaryEmbedding
+from mistura.parallel.distributed import clip_grads_, grad_norm
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
@@ -238,14 +239,8 @@ def _restore_buffers(model: Transformer, device: str) -> None:
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
     """Scale the gradients of a tensor-parallel model so that their norm is at most max_norm; returns the norm
     before clipping. Split parameters are DTensors, whose norm covers every rank's shard (on the tensor-parallel
-    mesh, or, sharded by FSDP as well, on the data-parallel one or both); the others are the same on every rank.
-    Each kind is scaled apart: PyTorch's fused (foreach) kernels take one mesh, or plain tensors, at a time."""
-    kinds: dict[DeviceMesh | None, list[torch.Tensor]] = {}
-    for p in parameters:
-        if p.grad is not None:
-            kinds.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in kind]) for kind in kinds.values()]
-    total = torch.linalg.vector_norm(torch.stack([n.full_tensor() if isinstance(n, DTensor) else n for n in norms]))
-    for kind in kinds.values():
-        torch.nn.utils.clip_grads_with_norm_(kind, max_norm, total)
+    mesh, or, sharded by FSDP as well, on the data-parallel one or both); the others are the same on every rank."""
+    params = [p for p in parameters if p.grad is not None]
+    total = grad_norm(params)
+    clip_grads_(params, max_norm, total)
     return float(total)

@@ -110,9 +110,10 @@ class ParallelConfig:
     writes its shards (see mistura.parallel.fsdp and dcp). mixed_precision bf16 runs the forward and
     backward on bf16 copies of the gathered parameters and reduces the gradients in fp32;
     cpu_offload keeps the shards, their gradients and the optimizer state in CPU memory.
-    expert_parallel ep (with ddp): each process holds n_experts / ep of every MoE layer's routed
-    experts, and tokens travel to their experts by all_to_all (see mistura.parallel.expert);
-    ep divides the number of processes, and checkpoints are distributed.
+    expert_parallel ep (with ddp or fsdp): each process holds n_experts / ep of every MoE layer's
+    routed experts, and tokens travel to their experts by all_to_all (see mistura.parallel.expert);
+    ep divides the number of processes, and checkpoints are distributed. With fsdp, each process's
+    experts are sharded further over the processes that hold the same ones.
     tensor_parallel tp: every layer split Megatron-style over groups of tp processes (see
     mistura.parallel.tensor), which train on the same rows; alone, tp is the number of processes;
     with fsdp, the processes form a (world / tp, tp) mesh, and FSDP shards each tp slice over the
@@ -122,7 +123,7 @@ class ParallelConfig:
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"
     mixed_precision: Literal["none", "bf16"] = "none"  # fsdp: the dtype of gathered parameters
     cpu_offload: bool = False  # fsdp: shards, gradients and optimizer state in CPU memory
-    expert_parallel: int = 1  # ddp: each MoE layer's routed experts split over groups of this many processes
+    expert_parallel: int = 1  # each MoE layer's routed experts split over groups of this many processes
     tensor_parallel: int = 1  # heads, hidden channels and vocabulary split over groups of this many processes
     timeout_s: float = 300.0  # how long a collective waits for the other processes: a dead one fails the run
 
@@ -131,10 +132,10 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s: must be a positive number of seconds, got {self.timeout_s}")
         if self.expert_parallel < 1:
             raise ConfigError(f"parallel.expert_parallel: must be >= 1, got {self.expert_parallel}")
-        if self.expert_parallel > 1 and self.data_parallel != "ddp":
+        if self.expert_parallel > 1 and self.data_parallel == "none":
             raise ConfigError(
-                "parallel.expert_parallel runs beside parallel.data_parallel: ddp (each process trains on its own "
-                "rows); FSDP with expert parallelism is not supported yet"
+                "parallel.expert_parallel runs beside parallel.data_parallel: ddp or fsdp (each process trains on "
+                "its own rows)"
             )
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")

@@ -179,7 +179,8 @@ class TrainLoop(ABC):
             if self.tensor_mesh is not None:
                 tensor.parallelize(module, self.tensor_mesh)
             if self.sharded:
-                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload, self.data_mesh)
+                meshes = (self.data_mesh, self.expert_mesh)  # tensor- or expert-parallel, the shards' and the experts'
+                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload, *meshes)
 
     def batch_rows(self, batch_size: int) -> slice:
         """The rows of each global batch this process trains on: its own when data-parallel, its tensor-parallel
@@ -307,7 +308,7 @@ class TrainLoop(ABC):
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         if self.expert_mesh is not None:
-            expert.average_expert_grads_(self.model, self.expert_mesh)
+            expert.average_expert_grads_(self.model, self.expert_mesh, self.sharded)
             grad_norm = expert.clip_grad_norm_(self.model, clip, self.expert_mesh)
         elif self.tensor_mesh is not None:
             grad_norm = tensor.clip_grad_norm_(self.model.parameters(), clip)

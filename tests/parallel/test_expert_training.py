@@ -41,6 +41,25 @@ def test_experts_split_over_two_processes_follow_one(config, tmp_path, model):
     assert all(torch.equal(one[k], split[k]) for k in biases)
 
 
+@pytest.mark.parametrize("processes", [2, 4])
+def test_experts_split_beside_fsdp_follow_one(config, tmp_path, processes):
+    """FSDP shards the rest of the model over every process, and each process's experts over the processes that
+    hold the same ones: none at 2 (ep 2), its pair at 4."""
+    trained(config("one", model=MOE, batch_size=4))
+    parallel = {"data_parallel": "fsdp", "expert_parallel": 2}
+    trained(config("split", model=MOE, batch_size=4, parallel=parallel), processes)
+    loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "split", MOE_WEIGHT_ATOL)
+    print(f"fsdp + ep 2 on {processes}: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    if processes == 4:  # its step-10 checkpoint, sharded twice, resumes on 2 processes
+        resumed = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "split", resumed)
+        shutil.rmtree(resumed / f"checkpoints/step-{STEPS:07d}")
+        moved = (tmp_path / "split.yaml").read_text().replace(str(tmp_path / "split"), str(resumed))
+        (tmp_path / "resumed.yaml").write_text(moved)
+        assert "at step 10" in trained(tmp_path / "resumed.yaml", 2, "--resume").stdout
+        assert_same_run(tmp_path / "split", resumed, MOE_WEIGHT_ATOL)
+
+
 def test_two_expert_groups_of_two_follow_one_and_resume_at_one(config, tmp_path):
     """4 processes: experts split in pairs, each pair's experts replicated on the other pair."""
     trained(config("one", model=MOE, batch_size=8))
@@ -68,7 +87,7 @@ def test_bad_expert_layouts_are_refused(config):
     result = mistura_train(config("odd", model=odd, batch_size=4, parallel={"expert_parallel": 4}), 4)
     assert result.returncode != 0
     assert "6 routed experts, not divisible by ep=4" in result.stderr, result.stderr
-    with pytest.raises(ConfigError, match="beside parallel.data_parallel: ddp"):
-        RunConfig.from_dict({"parallel": {"data_parallel": "fsdp", "expert_parallel": 2}})
+    with pytest.raises(ConfigError, match="beside parallel.data_parallel: ddp or fsdp"):
+        RunConfig.from_dict({"parallel": {"data_parallel": "none", "expert_parallel": 2}})
     with pytest.raises(ConfigError, match="expert_parallel: must be >= 1"):
         RunConfig.from_dict({"parallel": {"expert_parallel": 0}})
