@@ -146,8 +146,13 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_with_a_clear_error(config, tmp_
         while not [r for r in read_metrics(tmp_path / "long") if "loss" in r]:  # the run is training
             assert time.monotonic() < deadline and run.poll() is None, "the run did not start"
             time.sleep(0.2)
-        victim = worker(port, 1)
+        victim, survivor = worker(port, 1), worker(port, 0)
         os.kill(victim, getattr(signal, signal_name))
+        while Path(f"/proc/{survivor}").exists():  # rank 0 fails on its own (a stopped rank: within timeout_s)
+            assert time.monotonic() < deadline + 60, "rank 0 did not fail"
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):  # a stopped process cannot take torchrun's SIGTERM
+            os.kill(victim, signal.SIGKILL)
         _, stderr = run.communicate(timeout=90)  # no hang: the run ends
     finally:
         if victim is not None:
