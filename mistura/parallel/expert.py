@@ -144,15 +144,6 @@ class ExpertParallelMoE(MoELayer):
         back = out.index_select(0, order.argsort())  # (R, D) in arrival order
         return _AllToAll.apply(back, splits.reversed(), self.group, self.comm) * weights  # (A, D)
 
-    def gather_experts(self) -> dict[str, torch.Tensor]:
-        """The unsplit layer's expert stacks, {"gate_proj": (E, F, D), ...}, assembled on every rank."""
-        stacks = {}
-        for name, part in self.experts.named_parameters():
-            parts = [torch.empty_like(part) for _ in range(self.ep)]
-            dist.all_gather(parts, part.detach().contiguous(), group=self.group)
-            stacks[name] = torch.cat(parts)
-        return stacks
-
     def extra_repr(self) -> str:
         return f"rank={self.rank}, ep={self.ep}"
 
@@ -233,16 +224,6 @@ def reset_comm_bytes(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ExpertParallelMoE):
             m.comm.forward = m.comm.backward = 0
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unsplit model's state dict, on every rank: each expert-parallel layer's experts gathered whole."""
-    state = model.state_dict()
-    for name, layer in model.named_modules():
-        if isinstance(layer, ExpertParallelMoE):
-            for key, stack in layer.gather_experts().items():
-                state[".".join(filter(None, (name, "experts", key)))] = stack
-    return state
 
 
 # Training with experts split over the `ep` dimension of a (replica, ep) mesh, beside data parallelism: every

@@ -62,12 +62,3 @@ def reshard(module: torch.nn.Module) -> None:
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor's self; a DTensor's whole value (e.g. the gradient norm over every shard)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def local_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters this process holds: its shards of a sharded module, all of a plain one."""
-    return sum(_local(p).numel() * p.element_size() for p in module.parameters())
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

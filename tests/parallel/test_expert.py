@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mistura.config import ModelConfig, MoEConfig
@@ -18,7 +19,7 @@ from mistura.errors import ConfigError
 from mistura.lora import LoRAConfig, apply_lora
 from mistura.model import Transformer
 from mistura.model.moe import MoELayer
-from mistura.parallel.expert import ExpertParallelMoE, comm_bytes, full_state_dict, reset_comm_bytes, shard_experts_
+from mistura.parallel.expert import ExpertParallelMoE, comm_bytes, reset_comm_bytes, shard_experts_
 from tests.parallel.conftest import NEEDS_GLOO
 from tests.parallel.spawn import run_ranks
 
@@ -189,3 +190,15 @@ def test_refuses_experts_already_adapted():
     model = apply_lora(Transformer(model_config(QWEN)), LoRAConfig(rank=2, alpha=4, targets=("experts",)))
     with pytest.raises(ConfigError, match="LoRAExperts, not plain GroupedExperts"):
         shard_experts_(model, 2)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsplit model's state dict, on every rank: each expert-parallel layer's experts gathered whole."""
+    state = model.state_dict()
+    for name, layer in model.named_modules():
+        if isinstance(layer, ExpertParallelMoE):
+            for key, part in layer.experts.named_parameters():
+                parts = [torch.empty_like(part) for _ in range(layer.ep)]
+                dist.all_gather(parts, part.detach().contiguous(), group=layer.group)
+                state[".".join(filter(None, (name, "experts", key)))] = torch.cat(parts)
+    return state

@@ -17,7 +17,7 @@ from mistura.checkpoint import is_distributed, load_weights, verify
 from mistura.config import ModelConfig
 from mistura.errors import CheckpointError
 from mistura.model import Transformer
-from mistura.parallel.fsdp import local_bytes, shard_model
+from mistura.parallel.fsdp import shard_model
 from mistura.train.loggers import read_metrics
 from tests.parallel.conftest import (
     MOE,
@@ -185,6 +185,11 @@ def test_a_damaged_or_mismatched_distributed_checkpoint_is_refused_by_name(confi
         timeout=60,
     )
     assert result.returncode != 0 and "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+def local_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this process holds: its shards of a sharded module, all of a plain one."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size() for p in module.parameters())
 
 
 def shard_bytes(rank, world):
