@@ -25,9 +25,9 @@ def under(modules: set[str], package: str) -> set[str]:
 
 
 def library_modules() -> list[str]:
-    """Every module of the package but the command line (and `python -m mistura`, which runs it)."""
+    """Every module of the package but the command line."""
     names = [info.name for info in pkgutil.walk_packages([str(PACKAGE)], prefix="mistura.")]
-    return [name for name in names if not under({name}, "mistura.cli") and name != "mistura.__main__"]
+    return [name for name in names if not under({name}, "mistura.cli")]
 
 
 def test_checkpoint_io_imports_no_format_built_on_it():

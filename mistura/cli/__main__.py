@@ -1,4 +1,4 @@
-"""`python -m mistura.cli ...` runs the `mistura` command line (the same as `python -m mistura ...`)."""
+"""`python -m mistura.cli ...` runs the `mistura` command line (as `torchrun -m mistura.cli train ...` will)."""
 
 import sys
 

@@ -283,6 +283,18 @@ def rank_rows(batch_size: int, index: int, count: int) -> slice:
     return slice(index * rows, (index + 1) * rows)
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for parameters that may be split or sharded (DTensors of any meshes) beside
+    whole ones; returns the norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    total = grad_norm(params)
+    clip_grads_(params, max_norm, total)
+    return float(total)
+
+
 def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     """The norm of the gradients of `params`, plain tensors or DTensors of any meshes (split by tensor parallelism,
     sharded by FSDP): each DTensor's norm covers all its shards."""

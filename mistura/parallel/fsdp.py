@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from mistura.model import Transformer
 from mistura.parallel.expert import ExpertParallelMoE
@@ -57,8 +56,3 @@ def reshard(module: torch.nn.Module) -> None:
     for unit in module.modules():
         if isinstance(unit, FSDPModule):
             unit.reshard()
-
-
-def full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A plain tensor's self; a DTensor's whole value (e.g. the gradient norm over every shard)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

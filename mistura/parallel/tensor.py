@@ -35,8 +35,8 @@ same logits on every rank, and the same seed, give the same token.
 Training runs through the same split (parallel.tensor_parallel): DTensor's styles sum the
 gradients of a replicated input where it enters a split projection, so the replicated weights
 get the same whole gradients on every rank; the one exception, MLA's rotary key, which every
-head reads but no split projection, has its gradient summed by a hook. `clip_grad_norm_` takes
-the norm over split and replicated parameters together.
+head reads but no split projection, has its gradient summed by a hook. The clipping norm
+(mistura.parallel.distributed.clip_grad_norm_) spans split and replicated parameters together.
 
 Caches: a rank's KVCache holds its n_kv_head / n heads; MLA's LatentCache (the latent and
 the rotary key, which all heads share) is whole on every rank.
@@ -53,7 +53,6 @@ slices of the routed experts are gathered whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +81,6 @@ from mistura.model import Transformer
 from mistura.model.mla import MultiHeadLatentAttention
 from mistura.model.moe import Router
 from mistura.model.rope import RotaryEmbedding
-from mistura.parallel.distributed import clip_grads_, grad_norm
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh) -> Transformer:
@@ -233,14 +231,3 @@ def _restore_buffers(model: Transformer, device: str) -> None:
     empty = [name for name, buffer in model.named_buffers() if buffer.is_meta]
     if empty:
         raise RuntimeError(f"tensor parallelism: no values for the buffers {', '.join(empty)}")
-
-
-@torch.no_grad()
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Scale the gradients of a tensor-parallel model so that their norm is at most max_norm; returns the norm
-    before clipping. Split parameters are DTensors, whose norm covers every rank's shard (on the tensor-parallel
-    mesh, or, sharded by FSDP as well, on the data-parallel one or both); the others are the same on every rank."""
-    params = [p for p in parameters if p.grad is not None]
-    total = grad_norm(params)
-    clip_grads_(params, max_norm, total)
-    return float(total)

@@ -39,8 +39,9 @@ class Checkpoints:
         """Write checkpoints/step-XXXXXXX atomically and keep only the newest keep_checkpoints: rank 0 alone,
         or each process its shards of a distributed checkpoint."""
         final = self.out_dir / "checkpoints" / f"{STEP_PREFIX}{self.step:07d}"
-        if self.splits_weights:
-            tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged, self.expert_mesh)
+        if self.layout.splits_weights:
+            experts = self.layout.expert_mesh
+            tensors, param_groups = dcp.training_state(self.model, self.optimizer, self.averaged, experts)
             dcp.save(final, tensors, lambda tmp: self._save_beside_shards(tmp, param_groups))
         elif self.main:
             with checkpoint_directory(final) as tmp:
@@ -88,8 +89,8 @@ class Checkpoints:
         meta, tensors = train_state.load_state(directory)
         if is_distributed(directory):
             groups = meta["optimizer"]["param_groups"]
-            dcp.restore(directory, groups, self.model, self.optimizer, self.averaged, self.expert_mesh)
-        elif self.splits_weights:
+            dcp.restore(directory, groups, self.model, self.optimizer, self.averaged, self.layout.expert_mesh)
+        elif self.layout.splits_weights:
             raise CheckpointError(
                 f"{directory} is a single-process checkpoint, and a run that splits its weights (parallel."
                 "data_parallel: fsdp, expert_parallel or tensor_parallel) resumes distributed checkpoints only: "

@@ -36,8 +36,8 @@ and may change what a step logs and what evaluation watches:
     eval_message(record)           the line an evaluation prints
 
 The device and precision a run trains in are mistura.train.device's, its progress bar and
-closing line mistura.train.progress's, its checkpoints mistura.train.checkpoints', its data-parallel
-plumbing mistura.parallel.distributed's.
+closing line mistura.train.progress's, its checkpoints mistura.train.checkpoints', its layout over
+the processes mistura.train.layout's, its data-parallel plumbing mistura.parallel.distributed's.
 
 Data-parallel (given the run's parallel section, inside mistura.parallel.distributed.process_group):
 each process trains on its rows of the global batch (the subclass's loader gives them). With ddp
@@ -66,8 +66,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
-from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from mistura.checkpoint import (
@@ -76,24 +75,17 @@ from mistura.checkpoint import (
 )
 from mistura.errors import ConfigError
 from mistura.model import Transformer
-from mistura.parallel import distributed, expert, fsdp, tensor
+from mistura.parallel import distributed, expert, fsdp
 from mistura.train.checkpoints import Checkpoints
 from mistura.train.config import ParallelConfig, TrainConfig
 from mistura.train.device import autocast_dtype, resolve_device
+from mistura.train.layout import Layout
 from mistura.train.loggers import MetricsLog
 from mistura.train.moe_metrics import MoEMonitor
 from mistura.train.optim import build_optimizer, fraction_done, lr_at, set_lr
 from mistura.train.progress import advance, ending, progress_bar
 
 IGNORE = -100  # a label the loss leaves out (cross-entropy's ignore_index)
-
-
-def ema_update(decay: float, parallel: ParallelConfig) -> dict[str, Callable]:
-    """AveragedModel's update for an EMA: fused over all parameters at once, or one parameter at a time where
-    split (DTensor) and whole ones mix, which PyTorch's fused (foreach) kernels do not take together."""
-    if parallel.tensor_parallel > 1:
-        return {"avg_fn": get_ema_avg_fn(decay)}
-    return {"multi_avg_fn": get_ema_multi_avg_fn(decay)}
 
 
 class Batches(Protocol):
@@ -122,7 +114,6 @@ class TrainLoop(Checkpoints, ABC):
             raise RuntimeError("data-parallel training runs inside mistura.parallel.distributed.process_group")
         self.parallel = parallel
         self.data_parallel = data_parallel = parallel is not None
-        self.sharded = data_parallel and parallel.data_parallel == "fsdp"
         self.main = not data_parallel or distributed.is_main()  # the process that prints and writes
         self.cfg, self.log, self.clock = cfg, log if self.main else distributed.quiet, clock
         self.out_dir = Path(cfg.out_dir)
@@ -134,56 +125,25 @@ class TrainLoop(Checkpoints, ABC):
         self.train_seconds = 0.0  # spent in optimizer steps, this run and those it resumes
 
     def use_model(self, model: Transformer) -> None:
-        """Train `model` (its parameters that require gradients): on the device, with its optimizer and EMA."""
+        """Train `model` (its parameters that require gradients): on the device, laid out over the processes, with
+        its optimizer and EMA (an average laid out alike)."""
         self.model = model.to(self.device)
         self.model.activation_checkpointing = self.cfg.activation_checkpointing
-        parallel = self.parallel if self.data_parallel else ParallelConfig()
+        self.layout = layout = Layout.of(self.parallel, self.device)
         self.ema = None
         if self.cfg.ema_decay is not None:
-            self.ema = AveragedModel(self.model, use_buffers=False, **ema_update(self.cfg.ema_decay, parallel))
-        self._split_weights(parallel)
+            self.ema = AveragedModel(self.model, use_buffers=False, **layout.ema_update(self.cfg.ema_decay))
+        for module in (self.model, self.averaged):  # before the optimizer takes the parameters
+            if module is not None:
+                layout.split_(module)
         self.forward, self.ddp = self.model, None
-        if self.data_parallel and not self.sharded and self.tensor_mesh is None:
+        if layout.several and not layout.sharded and layout.tensor_mesh is None:
             own_experts = expert.expert_parameters(self.model)  # each process's are its own: not all-reduced
             self.ddp = self.forward = distributed.data_parallel_model(self.model, self.device, own_experts)
         if self.cfg.compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.moe_monitor = MoEMonitor([i for i, kind in enumerate(model.config.layer_mlp) if kind != "dense"])
-
-    def _split_weights(self, parallel: ParallelConfig) -> None:
-        """Split the model, and the EMA average alike, as `parallel` says: the experts across processes, every
-        layer (tensor parallelism), every parameter into shards (FSDP); before the optimizer takes them."""
-        ep, tp = parallel.expert_parallel, parallel.tensor_parallel
-        self.expert_mesh = distributed.expert_mesh(ep, self.device) if ep > 1 else None
-        self.tensor_mesh = self.data_mesh = None
-        if tp > 1:  # processes [i * tp, (i + 1) * tp) split the layers; across them, FSDP (if on) shards the slices
-            mesh = init_device_mesh(self.device.type, (distributed.world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
-            self.tensor_mesh, self.data_mesh = mesh["tp"], mesh["dp"]
-        if self.sharded and parallel.cpu_offload and self.device.type == "cpu":
-            raise ConfigError(
-                "parallel.cpu_offload keeps the shards in CPU memory while a GPU computes: this run trains on the CPU, "
-                "where they are already"
-            )
-        for module in (self.model, self.averaged):
-            if module is None:
-                continue
-            if self.expert_mesh is not None:
-                expert.shard_experts_(module, ep, self.expert_mesh["ep"].get_group())
-            if self.tensor_mesh is not None:
-                tensor.parallelize(module, self.tensor_mesh)
-            if self.sharded:
-                meshes = (self.data_mesh, self.expert_mesh)  # tensor- or expert-parallel, the shards' and the experts'
-                fsdp.shard_model(module, parallel.mixed_precision, parallel.cpu_offload, *meshes)
-
-    def batch_rows(self, batch_size: int) -> slice:
-        """The rows of each global batch this process trains on: its own when data-parallel, its tensor-parallel
-        group's beside FSDP, all of them alone or split over all processes by tensor parallelism."""
-        if not self.data_parallel:
-            return slice(None)
-        if self.data_mesh is not None:
-            return distributed.rank_rows(batch_size, self.data_mesh.get_local_rank(), self.data_mesh.size())
-        return distributed.rank_rows(batch_size, distributed.rank(), distributed.world_size())
 
     @abstractmethod
     def validation_batches(self) -> Iterable[Any]:
@@ -243,12 +203,6 @@ class TrainLoop(Checkpoints, ABC):
         return self.fraction_done >= 1.0 and self.step < self.cfg.max_steps
 
     @property
-    def splits_weights(self) -> bool:
-        """Whether each process holds only part of the weights (FSDP, expert or tensor parallelism), and so saves
-        distributed checkpoints."""
-        return self.sharded or self.expert_mesh is not None or self.tensor_mesh is not None
-
-    @property
     def averaged(self) -> Transformer | None:
         """The EMA average of the weights, None without EMA."""
         return self.ema.module if self.ema is not None else None
@@ -301,13 +255,11 @@ class TrainLoop(Checkpoints, ABC):
     def optimizer_step(self) -> float:
         """Clip the gradients, update the weights, then the experts' biases and the EMA; the norm before clipping."""
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        if self.expert_mesh is not None:
-            expert.average_expert_grads_(self.model, self.expert_mesh, self.sharded)
-            grad_norm = expert.clip_grad_norm_(self.model, clip, self.expert_mesh)
-        elif self.tensor_mesh is not None:
-            grad_norm = tensor.clip_grad_norm_(self.model.parameters(), clip)
+        if self.layout.expert_mesh is not None:
+            expert.average_expert_grads_(self.model, self.layout.expert_mesh, self.layout.sharded)
+            grad_norm = expert.clip_grad_norm_(self.model, clip, self.layout.expert_mesh)
         else:
-            grad_norm = float(fsdp.full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)))
+            grad_norm = distributed.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.data_parallel:  # the global batch's expert loads, so every process takes the same bias step

@@ -53,7 +53,7 @@ class Trainer(TrainLoop):
         torch.manual_seed(self.cfg.seed)
         self.use_model(Transformer(run.model))
         tokens = open_tokens(self.data_dir / "train.bin", self.meta["dtype"])
-        rows = self.batch_rows(self.cfg.batch_size)  # every process draws the same global batch, reads its rows
+        rows = self.layout.batch_rows(self.cfg.batch_size)  # every process draws the same batch, reads its rows
         cfg = self.cfg
         self.loader = BatchLoader(tokens, cfg.batch_size, run.model.max_seq_len, cfg.seed, self.device, rows=rows)
         self.val_tokens = open_tokens(self.data_dir / "val.bin", self.meta["dtype"])
@@ -84,13 +84,13 @@ class Trainer(TrainLoop):
         cfg = self.cfg
         budget = "" if cfg.max_minutes is None else f" (or {cfg.max_minutes:g} min of training)"
         ddp = ""
-        if self.tensor_mesh is not None:
-            ddp = f" | tensor-parallel over {self.tensor_mesh.size()} processes"
-            if self.sharded:
-                ddp += f", data-parallel (fsdp) over {self.data_mesh.size()} groups"
+        if self.layout.tensor_mesh is not None:
+            ddp = f" | tensor-parallel over {self.layout.tensor_mesh.size()} processes"
+            if self.layout.sharded:
+                ddp += f", data-parallel (fsdp) over {self.layout.data_mesh.size()} groups"
         elif self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
-            if self.expert_mesh is not None:
+            if self.layout.expert_mesh is not None:
                 ddp += f", experts split over {self.parallel.expert_parallel}"
         return (
             f"model {self.run.model.name}: {n_params / 1e6:.2f}M parameters | device {self.device} ({amp}) | "
