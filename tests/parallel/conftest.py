@@ -24,6 +24,7 @@ STEPS = 20
 # weights agree to float rounding, which 20 Adam steps amplify a little.
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
+GRAD_NORM_RTOL = 1e-4
 # With two micro-batches a step, a few gradient elements of the MoE are sums that cancel to ~1e-9, pure
 # rounding noise, whose sign Adam's first steps (lr * g / (|g| + eps)) turn into updates of up to ~lr / 10:
 # measured 1.5e-4 on the final weights (lr 3e-3), while the losses still agree to 1.4e-6 and the biases exactly.
@@ -63,10 +64,11 @@ def trained(config, processes=None, *args):
     return result
 
 
-def train_losses(out_dir) -> list[float]:
+def train_losses(out_dir, field: str = "loss") -> list[float]:
+    """A run's training records' `field` (the loss by default), one per step."""
     records = [r for r in read_metrics(out_dir) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-    return [r["loss"] for r in records]
+    return [r[field] for r in records]
 
 
 def final_weights(out_dir) -> dict[str, torch.Tensor]:
@@ -75,10 +77,13 @@ def final_weights(out_dir) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(one, two, weight_atol=WEIGHT_ATOL):
-    """Two runs' training losses and final weights agree to fp32 rounding; returns the largest differences."""
+    """Two runs' training losses, gradient norms and final weights agree to fp32 rounding; returns the largest
+    differences. The gradient norms catch a gradient scaled as a whole, which Adam's updates would hide."""
     a, b = train_losses(one), train_losses(two)
     loss_gap = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     assert loss_gap <= LOSS_RTOL, (a, b)
+    norms = train_losses(one, "grad_norm"), train_losses(two, "grad_norm")
+    assert max(abs(x - y) / x for x, y in zip(*norms)) <= GRAD_NORM_RTOL, norms
     wa, wb = final_weights(one), final_weights(two)
     assert wa.keys() == wb.keys()
     weight_gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
