@@ -16,6 +16,7 @@ state in CPU memory, moving each unit's shards to the device for its gather.
 from __future__ import annotations
 
 import torch
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -47,6 +48,15 @@ def shard_model(
             fully_shard(layer.experts, mesh=expert_mesh["replica"], mp_policy=precision, offload_policy=offload)
     for module in (*model.blocks, model):
         fully_shard(module, mesh=mesh, mp_policy=precision, offload_policy=offload)
+    return model
+
+
+def replicate_model(model: Transformer, mesh: DeviceMesh) -> Transformer:
+    """Replicate the tensor-parallel `model` in place over `mesh`, the data-parallel dimension of its (dp, tp) mesh:
+    DDP on FSDP2's machinery (`replicate`), whose gradients are all-reduced over the processes that hold the same
+    slices after each block's backward. DistributedDataParallel itself does not take DTensor parameters."""
+    for module in (*model.blocks, model):
+        replicate(module, mesh=mesh)
     return model
 
 

@@ -116,8 +116,8 @@ class ParallelConfig:
     experts are sharded further over the processes that hold the same ones.
     tensor_parallel tp: every layer split Megatron-style over groups of tp processes (see
     mistura.parallel.tensor), which train on the same rows; alone, tp is the number of processes;
-    with fsdp, the processes form a (world / tp, tp) mesh, and FSDP shards each tp slice over the
-    data-parallel dimension, whose processes train on their own rows. Checkpoints are distributed.
+    with ddp or fsdp, the processes form a (world / tp, tp) mesh, and FSDP shards (DDP replicates) each tp slice
+    over the data-parallel dimension, whose processes train on their own rows. Checkpoints are distributed.
     """
 
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -139,10 +139,10 @@ class ParallelConfig:
             )
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and (self.data_parallel == "ddp" or self.expert_parallel > 1):
+        if self.tensor_parallel > 1 and self.expert_parallel > 1:
             raise ConfigError(
-                "parallel.tensor_parallel runs alone (data_parallel: none) or beside data_parallel: fsdp; "
-                "ddp or expert parallelism beside it is not supported yet"
+                "parallel.tensor_parallel runs alone (data_parallel: none) or beside data_parallel: ddp or fsdp; "
+                "expert parallelism beside it is not supported yet"
             )
         if self.data_parallel != "fsdp" and (self.mixed_precision != "none" or self.cpu_offload):
             raise ConfigError(

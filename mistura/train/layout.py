@@ -3,7 +3,8 @@ device meshes, and what follows from them (see mistura.train.config.ParallelConf
 
 - experts split over ep processes: a (world / ep, ep) mesh (mistura.parallel.distributed.expert_mesh);
 - layers split over tp processes: a (world / tp, tp) mesh, whose "tp" dimension splits the layers
-  (mistura.parallel.tensor) and whose "dp" dimension FSDP, if on, shards each part over;
+  (mistura.parallel.tensor) and whose "dp" dimension FSDP, if on, shards each part over, or DDP, if on,
+  replicates each part over;
 - FSDP alone shards every parameter over all the processes (mistura.parallel.fsdp).
 
 A single process is the layout with no mesh at all.
@@ -56,13 +57,20 @@ class Layout:
         return self.parallel.data_parallel == "fsdp" and self.several
 
     @property
+    def replicated(self) -> bool:
+        """Whether DDP beside tensor parallelism replicates each layer's slices over the "dp" dimension, where their
+        gradients are all-reduced."""
+        return self.tensor_mesh is not None and self.parallel.data_parallel == "ddp"
+
+    @property
     def splits_weights(self) -> bool:
         """Whether each process holds only part of the weights (FSDP, expert or tensor parallelism), and so saves
         distributed checkpoints."""
         return self.sharded or self.expert_mesh is not None or self.tensor_mesh is not None
 
     def split_(self, model: Transformer) -> None:
-        """Split `model` in place: the experts across processes, every layer, every parameter into shards."""
+        """Split `model` in place: the experts across processes, every layer, every parameter into shards (or,
+        DDP beside tensor parallelism, each layer's slices replicated)."""
         parallel = self.parallel
         if self.expert_mesh is not None:
             expert.shard_experts_(model, parallel.expert_parallel, self.expert_mesh["ep"].get_group())
@@ -71,6 +79,8 @@ class Layout:
         if self.sharded:
             meshes = (self.data_mesh, self.expert_mesh)  # tensor- or expert-parallel, the shards' and the experts'
             fsdp.shard_model(model, parallel.mixed_precision, parallel.cpu_offload, *meshes)
+        elif self.replicated:
+            fsdp.replicate_model(model, self.data_mesh)
 
     def batch_rows(self, batch_size: int) -> slice:
         """The rows of each global batch this process trains on: its own when data-parallel, its tensor-parallel

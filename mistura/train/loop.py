@@ -247,9 +247,11 @@ class TrainLoop(Checkpoints, ABC):
 
     def _accumulating(self, last: bool):
         """Data-parallel, DDP's no_sync for all but a step's last micro-batch: gradients add up locally and are
-        all-reduced once, with the last backward; else nothing."""
+        all-reduced once, with the last backward (replicated slices beside tensor parallelism alike); else nothing."""
         if self.ddp is not None and not last:
             return self.ddp.no_sync()
+        if self.layout.replicated:
+            self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def optimizer_step(self) -> float:

@@ -86,8 +86,8 @@ class Trainer(TrainLoop):
         ddp = ""
         if self.layout.tensor_mesh is not None:
             ddp = f" | tensor-parallel over {self.layout.tensor_mesh.size()} processes"
-            if self.layout.sharded:
-                ddp += f", data-parallel (fsdp) over {self.layout.data_mesh.size()} groups"
+            if self.layout.data_mesh.size() > 1:
+                ddp += f", data-parallel ({self.parallel.data_parallel}) over {self.layout.data_mesh.size()} groups"
         elif self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
             if self.layout.expert_mesh is not None:

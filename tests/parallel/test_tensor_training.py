@@ -39,15 +39,20 @@ def test_tensor_parallel_follows_one_process(config, tmp_path, model, train):
     assert is_distributed(tmp_path / f"two/checkpoints/step-{STEPS:07d}")
 
 
-@pytest.mark.parametrize("model", [None, MLA], ids=["gqa", "mla"])
-def test_tensor_parallel_beside_fsdp_follows_one_process(config, tmp_path, model):
-    """4 processes: two groups split the layers in two, FSDP shards each half over the groups, which train on
-    their own rows."""
-    trained(config("one", model=model))
-    four = trained(config("four", model=model, parallel={"data_parallel": "fsdp", "tensor_parallel": 2}), 4)
+@pytest.mark.parametrize(
+    ("model", "data_parallel", "train"),
+    [(None, "fsdp", {}), (MLA, "fsdp", {}), (None, "ddp", {"grad_accum": 2, "ema_decay": 0.9})],
+    ids=["gqa-fsdp", "mla-fsdp", "gqa-ddp"],
+)
+def test_tensor_parallel_beside_data_parallel_follows_one_process(config, tmp_path, model, data_parallel, train):
+    """4 processes: two groups split the layers in two, FSDP shards (or DDP replicates) each half over the
+    groups, which train on their own rows."""
+    trained(config("one", model=model, **train))
+    parallel = {"data_parallel": data_parallel, "tensor_parallel": 2}
+    four = trained(config("four", model=model, parallel=parallel, **train), 4)
     loss_gap, weight_gap, _, _ = assert_same_run(tmp_path / "one", tmp_path / "four", MOE_WEIGHT_ATOL)
-    print(f"tp 2 x fsdp 2: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
-    assert "tensor-parallel over 2 processes, data-parallel (fsdp) over 2 groups" in four.stdout
+    print(f"tp 2 x {data_parallel} 2: loss rel gap {loss_gap:.2e}, weight gap {weight_gap:.2e}")
+    assert f"tensor-parallel over 2 processes, data-parallel ({data_parallel}) over 2 groups" in four.stdout
 
 
 def test_mla_tensor_parallel_resumes_in_one_process(config, tmp_path):
@@ -73,5 +78,5 @@ def test_bad_tensor_parallel_layouts_are_refused(config):
     assert result.returncode != 0 and "batch_size 3 is not divisible by the 2 data-parallel" in result.stderr
     result = mistura_train(config("kv", model={"n_kv_head": 1}, parallel=TP), 2)
     assert result.returncode != 0 and "n_kv_head" in result.stderr, result.stderr
-    with pytest.raises(ConfigError, match="ddp or expert parallelism beside it is not supported yet"):
-        RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "tensor_parallel": 2}})
+    with pytest.raises(ConfigError, match="expert parallelism beside it is not supported yet"):
+        RunConfig.from_dict({"parallel": {"data_parallel": "ddp", "tensor_parallel": 2, "expert_parallel": 2}})
