@@ -77,6 +77,11 @@ def check_layout(
                 f"parallel.tensor_parallel is {tensor_parallel} and there are {world} process(es): the model is split "
                 + ("over all of them (start as many)" if alone else "over groups of that many (start a multiple)")
             )
+        if (world // tensor_parallel) % expert_parallel:
+            raise ConfigError(
+                f"parallel.expert_parallel {expert_parallel} does not divide the {world // tensor_parallel} "
+                f"data-parallel groups of {tensor_parallel} processes: the experts are split over that many groups"
+            )
         if batch_size % (world // tensor_parallel):
             raise ConfigError(
                 f"train.batch_size {batch_size} is not divisible by the {world // tensor_parallel} data-parallel "

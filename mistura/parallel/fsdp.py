@@ -51,12 +51,13 @@ def shard_model(
     return model
 
 
-def replicate_model(model: Transformer, mesh: DeviceMesh) -> Transformer:
+def replicate_model(model: Transformer, mesh: DeviceMesh, ignore: set[torch.nn.Parameter]) -> Transformer:
     """Replicate the tensor-parallel `model` in place over `mesh`, the data-parallel dimension of its (dp, tp) mesh:
     DDP on FSDP2's machinery (`replicate`), whose gradients are all-reduced over the processes that hold the same
-    slices after each block's backward. DistributedDataParallel itself does not take DTensor parameters."""
+    slices after each block's backward, but for the parameters in `ignore` (each process's own experts).
+    DistributedDataParallel itself does not take DTensor parameters."""
     for module in (*model.blocks, model):
-        replicate(module, mesh=mesh)
+        replicate(module, mesh=mesh, ignored_params=ignore)
     return model
 
 

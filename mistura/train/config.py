@@ -117,7 +117,9 @@ class ParallelConfig:
     tensor_parallel tp: every layer split Megatron-style over groups of tp processes (see
     mistura.parallel.tensor), which train on the same rows; alone, tp is the number of processes;
     with ddp or fsdp, the processes form a (world / tp, tp) mesh, and FSDP shards (DDP replicates) each tp slice
-    over the data-parallel dimension, whose processes train on their own rows. Checkpoints are distributed.
+    over the data-parallel dimension, whose processes train on their own rows; with expert_parallel ep too, the
+    experts are split over ep of those data-parallel groups (a (world / (ep * tp), ep, tp) mesh), each group's tp
+    processes running the same experts on the same rows. Checkpoints are distributed.
     """
 
     data_parallel: Literal["none", "ddp", "fsdp"] = "none"
@@ -139,11 +141,6 @@ class ParallelConfig:
             )
         if self.tensor_parallel < 1:
             raise ConfigError(f"parallel.tensor_parallel: must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and self.expert_parallel > 1:
-            raise ConfigError(
-                "parallel.tensor_parallel runs alone (data_parallel: none) or beside data_parallel: ddp or fsdp; "
-                "expert parallelism beside it is not supported yet"
-            )
         if self.data_parallel != "fsdp" and (self.mixed_precision != "none" or self.cpu_offload):
             raise ConfigError(
                 "parallel.mixed_precision and parallel.cpu_offload are FSDP's: set parallel.data_parallel: fsdp "

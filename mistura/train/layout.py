@@ -2,9 +2,9 @@
 device meshes, and what follows from them (see mistura.train.config.ParallelConfig and mistura.parallel).
 
 - experts split over ep processes: a (world / ep, ep) mesh (mistura.parallel.distributed.expert_mesh);
-- layers split over tp processes: a (world / tp, tp) mesh, whose "tp" dimension splits the layers
-  (mistura.parallel.tensor) and whose "dp" dimension FSDP, if on, shards each part over, or DDP, if on,
-  replicates each part over;
+- layers split over tp processes: a (world / (ep * tp), ep, tp) mesh, whose "tp" dimension splits the layers
+  (mistura.parallel.tensor), whose ("replica", "ep") dimensions split the experts, if ep > 1, as above, and
+  whose ("replica", "ep") dimensions flattened, "dp", FSDP shards each part over, or DDP replicates it over;
 - FSDP alone shards every parameter over all the processes (mistura.parallel.fsdp).
 
 A single process is the layout with no mesh at all.
@@ -45,10 +45,15 @@ class Layout:
             )
         ep, tp = parallel.expert_parallel, parallel.tensor_parallel
         layout = cls(parallel, several=True)
-        layout.expert_mesh = distributed.expert_mesh(ep, device) if ep > 1 else None
-        if tp > 1:  # processes [i * tp, (i + 1) * tp) split the layers; across them, FSDP (if on) shards the parts
-            mesh = init_device_mesh(device.type, (distributed.world_size() // tp, tp), mesh_dim_names=("dp", "tp"))
-            layout.tensor_mesh, layout.data_mesh = mesh["tp"], mesh["dp"]
+        if tp == 1:
+            layout.expert_mesh = distributed.expert_mesh(ep, device) if ep > 1 else None
+            return layout
+        # processes [i * tp, (i + 1) * tp) split the layers; across those groups, ep at a time split the experts,
+        # and FSDP shards (DDP replicates) the layers' parts
+        shape = (distributed.world_size() // (ep * tp), ep, tp)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replica", "ep", "tp"))
+        layout.tensor_mesh, layout.data_mesh = mesh["tp"], mesh["replica", "ep"]._flatten("dp")
+        layout.expert_mesh = mesh["replica", "ep"] if ep > 1 else None
         return layout
 
     @property
@@ -79,8 +84,8 @@ class Layout:
         if self.sharded:
             meshes = (self.data_mesh, self.expert_mesh)  # tensor- or expert-parallel, the shards' and the experts'
             fsdp.shard_model(model, parallel.mixed_precision, parallel.cpu_offload, *meshes)
-        elif self.replicated:
-            fsdp.replicate_model(model, self.data_mesh)
+        elif self.replicated:  # the experts' gradients are averaged apart (expert.average_expert_grads_)
+            fsdp.replicate_model(model, self.data_mesh, set(expert.expert_parameters(model).values()))
 
     def batch_rows(self, batch_size: int) -> slice:
         """The rows of each global batch this process trains on: its own when data-parallel, its tensor-parallel

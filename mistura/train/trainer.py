@@ -90,8 +90,8 @@ class Trainer(TrainLoop):
                 ddp += f", data-parallel ({self.parallel.data_parallel}) over {self.layout.data_mesh.size()} groups"
         elif self.data_parallel:
             ddp = f" | data-parallel ({self.parallel.data_parallel}) over {distributed.world_size()} processes"
-            if self.layout.expert_mesh is not None:
-                ddp += f", experts split over {self.parallel.expert_parallel}"
+        if self.layout.expert_mesh is not None:
+            ddp += f", experts split over {self.parallel.expert_parallel}"
         return (
             f"model {self.run.model.name}: {n_params / 1e6:.2f}M parameters | device {self.device} ({amp}) | "
             f"{cfg.max_steps} steps{budget} of {cfg.batch_size * cfg.grad_accum} x {self.run.model.max_seq_len} tokens"

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,28 @@ def test_two_processes_follow_one(config, tmp_path):
     assert len(records) == len(read_metrics(tmp_path / "one"))  # one writer: no line twice
     state = json.loads((tmp_path / "two/checkpoints/step-0000020/train_state.json").read_text())
     assert state["loader"]["batches_drawn"] == STEPS and state["run_config"]["parallel"]["data_parallel"] == "ddp"
+
+
+def test_two_nodes_meeting_by_rendezvous_follow_one_process(config, tmp_path):
+    """Multi-node as torchrun runs it: two launchers (nodes) of one process each, which find each other through
+    the c10d rendezvous on 127.0.0.1 rather than a fixed master; the run follows the single-process run."""
+    trained(config("one"))
+    path = config("nodes")
+    endpoint = f"127.0.0.1:{free_port()}"
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    node += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mistura-test"]
+    command = [*node, "-m", "mistura.cli", "train", str(path), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+    nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [n.communicate(timeout=180) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    assert [n.returncode for n in nodes] == [0, 0], outputs
+    assert sum("data-parallel (ddp) over 2 processes" in out for out, _ in outputs) == 1  # rank 0's node alone
+    assert_same_run(tmp_path / "one", tmp_path / "nodes")
 
 
 def test_moe_bias_follows_one_process(config, tmp_path):
