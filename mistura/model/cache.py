@@ -34,8 +34,12 @@ class Cache(ABC):
     (B,) then holds each row's count of padding slots at the start, which the model
     masks out of attention and leaves out of positions (row b's slot i is position
     i - pad[b]). None means no padding. `tensor_parallel` is the number of ranks that
-    split the heads (1: a single process).
+    split the heads (1: a single process). `frame`, the attention mask (B, 1, T, S) and
+    positions (B, T) of one forward's new tokens, is set by caches whose rows each stand
+    at their own position (mistura.model.paged); None here.
     """
+
+    frame: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __init__(
         self,

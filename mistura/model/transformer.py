@@ -130,17 +130,15 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         self._check_length(start + T, cache)
-        padded = cache is not None and cache.pad is not None
-        mask = padded_causal_mask(cache.pad, start, T) if padded else None
-        positions = self._positions(start, T, cache, idx.device) if padded or self.pos_emb is not None else None
+        mask, positions = self._frame(start, T, cache, idx.device)
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         x = self.emb_dropout(x)
         if self.rope is None:
             rope = None
         else:
-            rope = self.rope.at(positions) if padded else self.rope(start, T)
+            rope = self.rope(start, T) if positions is None else self.rope.at(positions)
         auxes = []
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
@@ -155,12 +153,20 @@ class Transformer(nn.Module):
         return (x, auxes) if return_aux else x
 
     @staticmethod
-    def _positions(start: int, length: int, cache: Cache | None, device: torch.device) -> torch.Tensor:
-        """Positions of the new tokens: (T,), or (B, T) for a left-padded batch, whose padding slots sit at 0."""
+    def _frame(
+        start: int, length: int, cache: Cache | None, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The attention mask (B, 1, T, S) and positions (B, T) of the new tokens where rows differ: a left-padded
+        batch (its padding slots at position 0) or a paged one, whose cache gives both; None, None where every row
+        continues at `start` with plain causal attention."""
+        if cache is None:
+            return None, None
+        if cache.frame is not None:
+            return cache.frame
+        if cache.pad is None:
+            return None, None
         slots = torch.arange(start, start + length, device=device)
-        if cache is None or cache.pad is None:
-            return slots
-        return (slots[None, :] - cache.pad[:, None]).clamp(min=0)
+        return padded_causal_mask(cache.pad, start, length), (slots[None, :] - cache.pad[:, None]).clamp(min=0)
 
     def parameter_counts(self) -> dict[str, int]:
         """Total parameters, those each token uses, and the embeddings'.

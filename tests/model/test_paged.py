@@ -1,0 +1,52 @@
+"""The paged KV cache: rows at their own positions, in scattered blocks, give the logits of a plain forward."""
+
+import pytest
+import torch
+
+from mistura.errors import ConfigError
+from mistura.model import Transformer
+from mistura.model.paged import PagedRow, PagePool
+from tests.infer.test_engine import ARCHITECTURES
+
+SEQUENCES = [[5, 17, 3, 8, 1, 44, 9, 23, 60, 2, 70], [12, 33, 4, 90, 7], [61, 62, 63, 64, 65, 66, 67, 68, 69]]
+CHUNKS = [[4, 6, 1], [2, 2, 1], [5, 3, 1]]  # each sequence's new tokens per forward: prefill chunks, a decode
+
+
+@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if "collaborative" not in a])
+@torch.no_grad()
+def test_chunks_through_scattered_pages_give_the_full_forward_logits(tiny, architecture):
+    preset, overrides = ARCHITECTURES[architecture]
+    torch.manual_seed(0)
+    model = Transformer(tiny(preset, **overrides)).eval()
+    pool = PagePool(model, n_blocks=16, block_size=4)
+    tables = [[9, 2, 14], [0, 7], [3, 11, 5]]  # not contiguous, not in order
+    done = [0, 0, 0]
+    got = [[] for _ in SEQUENCES]
+    for step in range(3):
+        rows, ids = [], torch.zeros(3, max(c[step] for c in CHUNKS), dtype=torch.long)
+        for b, seq in enumerate(SEQUENCES):
+            n = CHUNKS[b][step]
+            rows.append(PagedRow(tables[b], done[b], n))
+            ids[b, :n] = torch.tensor(seq[done[b] : done[b] + n])
+        logits = model(ids, pool.batch(rows))  # (B, T, V)
+        for b, row in enumerate(rows):
+            got[b].append(logits[b, : row.length])
+            done[b] += row.length
+    for b, seq in enumerate(SEQUENCES):
+        want = model(torch.tensor([seq]))[0]
+        assert torch.allclose(torch.cat(got[b]), want, atol=1e-5), (b, (torch.cat(got[b]) - want).abs().max())
+
+
+def test_a_pool_is_sized_and_copied_by_blocks(tiny):
+    model = Transformer(tiny("llama-tiny", n_kv_head=2))
+    pool = PagePool(model, n_blocks=3, block_size=4)
+    assert (
+        PagePool.block_bytes(model, 4) == 2 * 4 * 2 * (2 * 8) * 4
+    )  # layers x positions x (k, v) x heads x dims x fp32
+    pool.tensors[0][:, 4:8] = 1.0
+    pool.copy_block(1, 2)
+    assert pool.tensors[0][:, 8:12].eq(1.0).all() and pool.tensors[0][:, :4].eq(0.0).all()
+    mla = Transformer(tiny("dragao-tiny", d_ff=64))
+    assert len(PagePool(mla, 2, 4).tensors) == 1
+    with pytest.raises(ConfigError, match="at least|>= 1 block"):
+        PagePool(model, 0, 4)
