@@ -60,6 +60,10 @@ class Cache(ABC):
     def allocate(self, config: ModelConfig, shape: tuple[int, int], max_len: int, dtype: torch.dtype, device) -> None:
         """Create the buffers, once, for `shape` (L, B) and max_len positions."""
 
+    def end(self, length: int) -> int:
+        """How long the longest row is once `length` new tokens are in."""
+        return self.pos + length
+
     def advance(self, length: int) -> None:
         self.pos += length
 

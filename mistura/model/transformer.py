@@ -129,7 +129,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        self._check_length(start + T, cache)
+        self._check_length(start + T if cache is None else cache.end(T), cache)
         mask, positions = self._frame(start, T, cache, idx.device)
         x = self.tok_emb(idx)  # (B, T, D)
         if self.pos_emb is not None:

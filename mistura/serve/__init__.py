@@ -1,6 +1,7 @@
 """Serving a checkpoint over HTTP: `mistura serve CKPT`, an OpenAI-compatible server.
 
     engine.py    continuous batching over a paged KV cache (prefix caching, preemption)
+    blocks.py    which KV block holds what: reference counts, prefix-cache names
     runner.py    the thread that owns the engine, and the asyncio side that talks to it
     protocol.py  OpenAI's request bodies, response objects and error bodies
     metrics.py   the Prometheus metrics of /metrics

@@ -1,6 +1,6 @@
 """The serving engine: continuous batching over a paged KV cache, with prefix caching and preemption.
 
-    engine = Engine(model, eos_id, max_seqs=16, block_size=16)
+    engine = Engine(model, eos_id, max_seqs=16, block_size=8)
     engine.add("r1", Request(prompt_ids, Sampling(max_new_tokens=64, temperature=0)))
     while engine.has_work:
         for event in engine.step():   # each sequence's new token, as it comes
@@ -108,7 +108,7 @@ class Engine:
         eos_id: int | None,
         *,
         max_seqs: int = 16,
-        block_size: int = 16,
+        block_size: int = 8,
         n_blocks: int | None = None,
         kv_bytes: int | None = None,
         max_batched_tokens: int = 256,
@@ -277,15 +277,11 @@ class Engine:
         self.preemptions += 1
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> torch.Tensor:
-        """The logits (B, V) after each sequence's last new token, its new tokens right-padded to the longest."""
-        device = self.model.tok_emb.weight.device
-        ids = torch.zeros(len(batch), max(n for _, n in batch), dtype=torch.long)
-        for b, (seq, n) in enumerate(batch):
-            ids[b, :n] = torch.tensor(seq.tokens[seq.computed : seq.computed + n])
-        cache = self.pool.batch([PagedRow(seq.table, seq.computed, n) for seq, n in batch])
-        hidden = self.model.hidden_states(ids.to(device), cache)  # (B, T, D)
-        last = torch.tensor([n - 1 for _, n in batch], device=device)
-        return self.model.logits(hidden[torch.arange(len(batch), device=device), last])
+        """The logits (B, V) after each sequence's last new token."""
+        rows = [PagedRow(seq.table, seq.computed, seq.tokens[seq.computed : seq.computed + n]) for seq, n in batch]
+        paged = self.pool.batch(rows)
+        hidden = self.model.hidden_states(paged.ids, paged.cache)  # (B, 1, D) or (1, N, D)
+        return self.model.logits(hidden.flatten(0, 1)[paged.last])
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[Event]:
         """seq's next token from logits (V,), and those of the completions forking from it at its first."""

@@ -22,16 +22,16 @@ def test_chunks_through_scattered_pages_give_the_full_forward_logits(tiny, archi
     tables = [[9, 2, 14], [0, 7], [3, 11, 5]]  # not contiguous, not in order
     done = [0, 0, 0]
     got = [[] for _ in SEQUENCES]
-    for step in range(3):
-        rows, ids = [], torch.zeros(3, max(c[step] for c in CHUNKS), dtype=torch.long)
-        for b, seq in enumerate(SEQUENCES):
-            n = CHUNKS[b][step]
-            rows.append(PagedRow(tables[b], done[b], n))
-            ids[b, :n] = torch.tensor(seq[done[b] : done[b] + n])
-        logits = model(ids, pool.batch(rows))  # (B, T, V)
+    for step in range(3):  # prefill chunks packed into one row, then one token each side by side
+        rows = [
+            PagedRow(tables[b], done[b], seq[done[b] : done[b] + CHUNKS[b][step]]) for b, seq in enumerate(SEQUENCES)
+        ]
+        batch = pool.batch(rows)
+        assert batch.ids.shape == ((1, sum(c[step] for c in CHUNKS)) if step < 2 else (3, 1))
+        logits = model(batch.ids, batch.cache).flatten(0, 1)  # (N, V)
         for b, row in enumerate(rows):
-            got[b].append(logits[b, : row.length])
-            done[b] += row.length
+            got[b].append(logits[batch.places[b]])
+            done[b] += len(row.tokens)
     for b, seq in enumerate(SEQUENCES):
         want = model(torch.tensor([seq]))[0]
         assert torch.allclose(torch.cat(got[b]), want, atol=1e-5), (b, (torch.cat(got[b]) - want).abs().max())

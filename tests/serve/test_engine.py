@@ -41,10 +41,11 @@ def alone(model, prompt, sampling=GREEDY):
     return generate(model, [prompt], sampling)[0]
 
 
+@pytest.mark.parametrize("budget", [16, 64], ids=["prefill-in-chunks", "packed-beyond-the-context"])
 @pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if "collaborative" not in a])
-def test_interleaved_requests_give_what_each_gives_alone_and_free_every_block(tiny, architecture):
-    model = tiny_model(tiny, architecture)
-    engine = Engine(model, None, max_seqs=5, block_size=4, max_batched_tokens=16)  # prompts prefilled in chunks
+def test_interleaved_requests_give_what_each_gives_alone_and_free_every_block(tiny, architecture, budget):
+    model = tiny_model(tiny, architecture)  # a 32-token context: 64 packed tokens hold several whole prompts
+    engine = Engine(model, None, max_seqs=5, block_size=4, max_batched_tokens=budget)
     out, _ = run(engine, {str(i): Request(p, GREEDY) for i, p in enumerate(PROMPTS)})
     assert {int(k[0]): v for k, v in out.items()} == {i: alone(model, p) for i, p in enumerate(PROMPTS)}
     stats = engine.stats()
