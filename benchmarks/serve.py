@@ -9,7 +9,8 @@ same workload to each server set-up with the official `openai` client, and print
    - static batching of the same requests (`--scheduling static`: a batch is admitted only when the last
      one has finished),
    - one request at a time (`--max-seqs 1`);
-   with output tokens/s, time to first token and time per output token (p50, p99) of each;
+   with output tokens/s, time to first token (to its first streamed text) and time per output token (between
+   text chunks), p50 and p99, of each;
 2. KV memory: the same workload run through the engine in-process, sampling after every step the
    positions held in blocks but not (yet) filled, against the pool, and what a contiguous cache of the
    model's full context per running request would leave unused;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -118,7 +120,7 @@ class Server:
         self.process.wait(timeout=30)
 
 
-async def one(client, job: Job, start: float, gate: asyncio.Semaphore, timeout: float) -> Result:
+async def one(client, job: Job, start: float, gate: asyncio.Semaphore, options: dict) -> Result:
     """Stream one greedy completion; its time to first token and mean time per later token."""
     await asyncio.sleep(max(0.0, start + job.arrival - time.perf_counter()))
     async with gate:
@@ -128,28 +130,28 @@ async def one(client, job: Job, start: float, gate: asyncio.Semaphore, timeout: 
             prompt=job.prompt,
             max_tokens=job.max_tokens,
             temperature=0,
-            logprobs=0,  # a chunk for every token, even one whose text waits for the next (a split character)
             stream=True,
             stream_options={"include_usage": True},
-            timeout=timeout,
+            **options,
         )
         times, tokens = [], 0
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].logprobs is not None:
+            if chunk.choices and (chunk.choices[0].text or chunk.choices[0].logprobs is not None):
                 times.append(time.perf_counter())
             if chunk.usage is not None:
                 tokens = chunk.usage.completion_tokens
-    per_token = (times[-1] - times[0]) / (tokens - 1) if len(times) > 1 and tokens > 1 else None
+    per_token = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
     return Result(times[0] - sent if times else math.nan, per_token, tokens)
 
 
-async def drive(url: str, jobs: list[Job], clients: int, timeout: float) -> tuple[float, list[Result]]:
+async def drive(url: str, jobs: list[Job], clients: int, **options) -> tuple[float, list[Result]]:
+    """Send `jobs` at their arrival times, at most `clients` at once; the seconds it took and each result."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     gate = asyncio.Semaphore(clients)
     start = time.perf_counter()
-    results = await asyncio.gather(*(one(client, job, start, gate, timeout) for job in jobs))
+    results = await asyncio.gather(*(one(client, job, start, gate, options) for job in jobs))
     seconds = time.perf_counter() - start
     await client.close()
     return seconds, results
@@ -161,30 +163,41 @@ def pct(values: list[float], q: float) -> float:
 
 
 def throughput(args) -> None:
+    """Each set-up's own server, all up at once, taking the workload in turn for `--rounds` rounds: the median
+    round's output tokens/s, and latencies over all rounds."""
     setups = {
         "continuous (paged)": [],
         "static batching": ["--scheduling", "static"],
         "one at a time": ["--max-seqs", "1"],
     }
-    print(f"\n{args.requests} requests, at most {args.clients} in flight, greedy, 8-64 new tokens each\n")
+    print(f"\n{args.requests} requests, at most {args.clients} in flight, greedy, 8-64 new tokens each, ", end="")
+    print(f"median of {args.rounds} rounds\n")
     print("| arrivals/s | set-up | output tok/s | vs one at a time | TTFT p50 / p99 ms | TPOT p50 / p99 ms |")
     print("|---|---|---:|---:|---:|---:|")
-    for rate in args.rates:
-        jobs = workload(args.requests, rate)
-        rows = {}
-        for name, options in setups.items():
-            with Server(args.checkpoint, "--max-seqs", str(args.clients), *options) as server:
-                asyncio.run(drive(server.url, jobs[:2], args.clients, args.timeout))  # warm up
-                seconds, results = asyncio.run(drive(server.url, jobs, args.clients, args.timeout))
-            rows[name] = (sum(r.tokens for r in results) / seconds, results)
-        alone = rows["one at a time"][0]
-        for name, (rate_out, results) in rows.items():
-            ttft = [1e3 * r.ttft for r in results]
-            tpot = [1e3 * r.per_token for r in results if r.per_token is not None]
-            print(
-                f"| {rate:g} | {name} | {rate_out:,.0f} | {rate_out / alone:.2f}x | "
-                f"{pct(ttft, 0.5):,.0f} / {pct(ttft, 0.99):,.0f} | {pct(tpot, 0.5):.1f} / {pct(tpot, 0.99):.1f} |"
-            )
+    with contextlib.ExitStack() as stack:
+        servers = {
+            name: stack.enter_context(Server(args.checkpoint, "--max-seqs", str(args.clients), *options))
+            for name, options in setups.items()
+        }
+        for server in servers.values():
+            asyncio.run(drive(server.url, workload(2, math.inf), args.clients, timeout=args.timeout))  # warm up
+        for rate in args.rates:
+            jobs = workload(args.requests, rate)
+            rates, results = {name: [] for name in setups}, {name: [] for name in setups}
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    seconds, answers = asyncio.run(drive(server.url, jobs, args.clients, timeout=args.timeout))
+                    rates[name].append(sum(r.tokens for r in answers) / seconds)
+                    results[name] += answers
+            alone = statistics.median(rates["one at a time"])
+            for name in setups:
+                ttft = [1e3 * r.ttft for r in results[name]]
+                tpot = [1e3 * r.per_token for r in results[name] if r.per_token is not None]
+                median = statistics.median(rates[name])
+                print(
+                    f"| {rate:g} | {name} | {median:,.0f} | {median / alone:.2f}x | "
+                    f"{pct(ttft, 0.5):,.0f} / {pct(ttft, 0.99):,.0f} | {pct(tpot, 0.5):.1f} / {pct(tpot, 0.99):.1f} |"
+                )
 
 
 def kv_memory(args) -> None:
@@ -235,7 +248,8 @@ def prefix(args) -> None:
         ttfts = {}
         for name, options in {"prefix caching on": [], "prefix caching off": ["--no-prefix-caching"]}.items():
             with Server(checkpoint, *options) as server:
-                _, results = asyncio.run(drive(server.url, jobs, 1, args.timeout))
+                # a chunk for every token, even one whose text waits for the next (the random model's split characters)
+                _, results = asyncio.run(drive(server.url, jobs, 1, timeout=args.timeout, logprobs=0))
             ttfts[name] = statistics.median(1e3 * r.ttft for r in results[1:])  # the first computes the prefix
             print(f"  {name}: median time to first token {ttfts[name]:.1f} ms")
     print(f"  prefix caching cuts it {ttfts['prefix caching off'] / ttfts['prefix caching on']:.1f}x")
@@ -246,6 +260,7 @@ def main() -> None:
     parser.add_argument("checkpoint", nargs="?", default="runs/quickstart")
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, math.inf])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--prefix-requests", type=int, default=8)

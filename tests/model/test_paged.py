@@ -12,7 +12,7 @@ SEQUENCES = [[5, 17, 3, 8, 1, 44, 9, 23, 60, 2, 70], [12, 33, 4, 90, 7], [61, 62
 CHUNKS = [[4, 6, 1], [2, 2, 1], [5, 3, 1]]  # each sequence's new tokens per forward: prefill chunks, a decode
 
 
-@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if "collaborative" not in a])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 @torch.no_grad()
 def test_chunks_through_scattered_pages_give_the_full_forward_logits(tiny, architecture):
     preset, overrides = ARCHITECTURES[architecture]

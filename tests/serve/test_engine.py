@@ -8,6 +8,7 @@ from mistura.errors import ConfigError, DataError
 from mistura.infer.engine import generate
 from mistura.infer.sampling import Sampling
 from mistura.model import Transformer
+from mistura.quant.model import QuantConfig, quantize_model
 from mistura.serve.engine import Engine, Request
 from tests.infer.test_engine import ARCHITECTURES
 
@@ -42,7 +43,7 @@ def alone(model, prompt, sampling=GREEDY):
 
 
 @pytest.mark.parametrize("budget", [16, 64], ids=["prefill-in-chunks", "packed-beyond-the-context"])
-@pytest.mark.parametrize("architecture", [a for a in ARCHITECTURES if "collaborative" not in a])
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_interleaved_requests_give_what_each_gives_alone_and_free_every_block(tiny, architecture, budget):
     model = tiny_model(tiny, architecture)  # a 32-token context: 64 packed tokens hold several whole prompts
     engine = Engine(model, None, max_seqs=5, block_size=4, max_batched_tokens=budget)
@@ -50,6 +51,13 @@ def test_interleaved_requests_give_what_each_gives_alone_and_free_every_block(ti
     assert {int(k[0]): v for k, v in out.items()} == {i: alone(model, p) for i, p in enumerate(PROMPTS)}
     stats = engine.stats()
     assert stats.blocks_used == 0 and stats.running == stats.waiting == 0 and stats.generated_tokens == 12 * 8
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_quantised_model_serves_as_it_generates(tiny, fmt):
+    model = quantize_model(tiny_model(tiny, "moe"), QuantConfig(fmt, group_size=16 if fmt == "int4" else None))
+    out, _ = run(Engine(model, None, block_size=4), {str(i): Request(p, GREEDY) for i, p in enumerate(PROMPTS[:4])})
+    assert {int(k[0]): v for k, v in out.items()} == {i: alone(model, p) for i, p in enumerate(PROMPTS[:4])}
 
 
 def test_a_shared_prefix_is_computed_once_and_uses_fewer_blocks(tiny):
