@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 
 from mistura._entry import run_command
-from mistura.cli import align, convert, data, generate, lora, serve, study, train, tune
+from mistura.cli import align, convert, data, evaluate, generate, lora, serve, study, train, tune
 
-GROUPS = (data, train, tune, align, generate, serve, study, convert, lora)
+GROUPS = (data, train, tune, align, generate, serve, evaluate, study, convert, lora)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """Options shared by several subcommands: the sampling flags with their Portuguese aliases,
-the repeatable `--set KEY=VALUE` override and `--no-progress`.
+the repeatable `--set KEY=VALUE` override, `--no-progress`, and `--device` / `--dtype`.
 """
 
 from __future__ import annotations
@@ -100,3 +100,26 @@ def given(flags: dict) -> dict:
     """The flags that were given (not None), sections that end up empty left out."""
     kept = {key: given(value) if isinstance(value, dict) else value for key, value in flags.items()}
     return {key: value for key, value in kept.items() if value not in (None, {})}
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps... (default: auto, the best there is)")
+    parser.add_argument("--dtype", help="cast the weights: bf16, fp16 or fp32 (default: as stored)")
+
+
+def device_and_dtype(args: argparse.Namespace):
+    """The torch device --device names ("auto": CUDA, then MPS, then the CPU) and the dtype --dtype names; an
+    unknown or absent device is a ConfigError."""
+    import torch
+
+    from mistura.errors import ConfigError
+    from mistura.shards import parse_dtype
+    from mistura.train.device import resolve_device
+
+    try:
+        chosen = resolve_device(args.device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device: {err}") from err
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: this machine has no CUDA device")
+    return chosen, parse_dtype(args.dtype)

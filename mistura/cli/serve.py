@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from mistura.cli.options import add_device_options, device_and_dtype
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the subcommands."""
@@ -54,14 +56,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continuous: requests join the running batch at every step; static: only when it is empty "
         "(default: continuous)",
     )
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps... (default: auto, the best there is)")
-    p.add_argument("--dtype", help="cast the weights: bf16, fp16 or fp32 (default: as stored)")
+    add_device_options(p)
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from mistura.errors import ConfigError
-    from mistura.shards import parse_dtype
 
     require_serve_extra()
     import uvicorn
@@ -79,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         prefix_caching=not args.no_prefix_caching,
         static_batching=args.scheduling == "static",
     )
-    where = device(args.device), parse_dtype(args.dtype)
+    where = device_and_dtype(args)
     with listen(args.host, args.port) as sock:
         app = app_from_checkpoint(
             args.checkpoint, *where, args.model_name, api_key=args.api_key, max_queue=args.max_queue, **options
@@ -112,23 +112,6 @@ def listen(host: str, port: int):
         return socket.create_server((host, port), family=family)
     except (OSError, OverflowError) as err:
         raise ConfigError(f"cannot listen on {host}:{port}: {err}") from err
-
-
-def device(name: str):
-    """The torch device --device names ("auto": CUDA, then MPS, then the CPU); an unknown or absent one is a
-    ConfigError."""
-    import torch
-
-    from mistura.errors import ConfigError
-    from mistura.train.device import resolve_device
-
-    try:
-        chosen = resolve_device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"--device: {err}") from err
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA device")
-    return chosen
 
 
 def kv_bytes(size: str | None) -> int | None:

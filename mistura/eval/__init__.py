@@ -1,0 +1,1 @@
+"""Scoring checkpoints: perplexity, bits per byte and tokens per word on any text (perplexity.py)."""
