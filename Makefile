@@ -13,9 +13,10 @@ $(BIN)/mistura: pyproject.toml
 
 install: $(BIN)/mistura
 
-# The tests also run the Triton kernels, through Triton's interpreter when there is no GPU.
+# The tests also run the Triton kernels, through Triton's interpreter when there is no GPU, and llama.cpp
+# (llama-cpp-python, built from source) on our GGUF exports.
 $(VENV)/.test-extras: pyproject.toml $(BIN)/mistura
-	$(BIN)/pip install --quiet -e ".[dev,triton]"
+	$(BIN)/pip install --quiet -e ".[dev,triton,llamacpp]"
 	touch $@
 
 quickstart: install

@@ -1,6 +1,6 @@
 """Checkpoint formats: `mistura convert KIND` moves weights between mistura and Hugging Face
-folders (and between bf16 and DeepSeek's FP8 blocks, and from a distributed checkpoint's shards
-to one folder), and `mistura quantize` writes a
+folders or llama.cpp's GGUF files (and between bf16 and DeepSeek's FP8 blocks, and from a
+distributed checkpoint's shards to one folder), and `mistura quantize` writes a
 checkpoint with fp8, int8 or int4 weights that mistura.load reads.
 """
 
@@ -17,6 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="conversion", required=True)
     add_hf_conversions(kinds)
     add_fp8_conversions(kinds)
+    add_gguf_conversions(kinds)
     c = kinds.add_parser(
         "from-distributed", help="a distributed checkpoint (an fsdp run's per-process shards) to one checkpoint folder"
     )
@@ -91,6 +92,28 @@ def add_fp8_conversions(kinds: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_convert_fp8, to_fp8=True)
 
 
+def add_gguf_conversions(kinds: argparse._SubParsersAction) -> None:
+    """`convert to-gguf` and `convert from-gguf`."""
+    c = kinds.add_parser(
+        "to-gguf", help="a mistura checkpoint or run to one GGUF file for llama.cpp, Ollama, LM Studio"
+    )
+    add_folders(c, checkpoint="checkpoint or run directory", out="new GGUF file, e.g. model.gguf")
+    c.add_argument(
+        "--type",
+        default="f16",
+        choices=("f32", "f16", "bf16", "q8_0", "q4_0"),
+        help="weight type (default: f16); norms, biases and routers stay f32",
+    )
+    add_no_progress_option(c)
+    c.set_defaults(func=cmd_convert_to_gguf)
+
+    c = kinds.add_parser(
+        "from-gguf", help="a GGUF file (llama, qwen2, qwen2moe, qwen3moe, gpt2) to a mistura checkpoint"
+    )
+    add_folders(c, gguf_file="GGUF file", out_dir="new checkpoint directory")
+    c.set_defaults(func=cmd_convert_from_gguf)
+
+
 def cmd_convert_from_hf(args: argparse.Namespace) -> None:
     from mistura.convert.hf import from_hf
 
@@ -103,6 +126,20 @@ def cmd_convert_to_hf(args: argparse.Namespace) -> None:
 
     out = to_hf(args.checkpoint, args.out_dir, model_type=args.model_type, **shard_kwargs(args))
     print(f"Hugging Face folder written to {out}; load it with AutoModelForCausalLM.from_pretrained")
+
+
+def cmd_convert_to_gguf(args: argparse.Namespace) -> None:
+    from mistura.convert.gguf import to_gguf
+
+    out = to_gguf(args.checkpoint, args.out, type=args.type, progress=not args.no_progress)
+    print(f"GGUF file written to {out}; run it with `llama-cli -m {out}`")
+
+
+def cmd_convert_from_gguf(args: argparse.Namespace) -> None:
+    from mistura.convert.gguf import from_gguf
+
+    out = from_gguf(args.gguf_file, args.out_dir)
+    print(f"mistura checkpoint written to {out}")
 
 
 def shard_kwargs(args: argparse.Namespace) -> dict:

@@ -117,7 +117,7 @@ def from_hf(
         model.load_state_dict(state_dict, strict=True)
         return model.to(dtype=cast).eval()
     folder, model_type, config, mapped = _open_hf(hf_dir)
-    out = _new_folder(out_dir, folder)
+    out = new_folder(out_dir, folder)
     with WeightFiles(folder) as files:
         read, stored_dtype = _hf_reader(files, mapped, find_model_type(model_type).prefix)
         dtypes = {name: cast or stored_dtype(sources[0]) for name, sources in mapped.feeds.items()}
@@ -186,7 +186,7 @@ def to_hf(
     directory = resolve(checkpoint)
     if is_hugging_face(directory):
         raise CheckpointError(f"{directory} is already a Hugging Face folder")
-    out = _new_folder(out_dir, directory)
+    out = new_folder(out_dir, directory)
     verify(directory)
     config = read_config(directory)
     model_type = model_type or model_type_for(config)
@@ -331,7 +331,7 @@ def _computed_fields(config: ModelConfig) -> dict[str, Any]:
     return fields
 
 
-def _new_folder(out_dir: str | Path, source: Path) -> Path:
+def new_folder(out_dir: str | Path, source: Path) -> Path:
     """The output folder of a conversion: never its input, never a folder that holds anything."""
     out = Path(out_dir)
     if out.resolve() == source.resolve():
