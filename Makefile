@@ -14,9 +14,9 @@ $(BIN)/mistura: pyproject.toml
 install: $(BIN)/mistura
 
 # The tests also run the Triton kernels, through Triton's interpreter when there is no GPU, and llama.cpp
-# (llama-cpp-python, built from source) on our GGUF exports.
+# (llama-cpp-python, built from source) on our GGUF exports, and lm-evaluation-harness on the `mistura` model.
 $(VENV)/.test-extras: pyproject.toml $(BIN)/mistura
-	$(BIN)/pip install --quiet -e ".[dev,triton,llamacpp]"
+	$(BIN)/pip install --quiet -e ".[dev,triton,llamacpp,eval]"
 	touch $@
 
 quickstart: install

@@ -1,4 +1,5 @@
-"""Scoring a checkpoint: `mistura eval CKPT --text FILE_OR_FOLDER` (perplexity, bits per byte, tokens per word)."""
+"""Scoring a checkpoint: `mistura eval CKPT --text FILE_OR_FOLDER` (perplexity, bits per byte, tokens per word)
+or `mistura eval CKPT --tasks NAMES` (lm-evaluation-harness tasks, through mistura.eval.harness)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,21 @@ from mistura.cli.options import add_device_options, add_no_progress_option, devi
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `eval` to the subcommands."""
     p = sub.add_parser(
-        "eval", help="perplexity, bits per byte and tokens per word of a checkpoint on a UTF-8 text or folder of .txt"
+        "eval",
+        help="score a checkpoint: perplexity, bits per byte and tokens per word on a text (--text), or "
+        "lm-evaluation-harness tasks (--tasks)",
     )
     p.add_argument("checkpoint", help="checkpoint or run directory")
-    p.add_argument("--text", required=True, help="a UTF-8 text file, or a folder of .txt files")
-    p.add_argument("--ctx", type=int, help="tokens each window reads (default: the model's context)")
-    p.add_argument("--stride", type=int, help="tokens each window moves (default: half of --ctx)")
-    p.add_argument("--output", help="the JSON result (default: eval-CHECKPOINT-TEXT.json here)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a UTF-8 text file, or a folder of .txt files")
+    what.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (needs the eval extra)")
+    p.add_argument("--ctx", type=int, help="--text: tokens each window reads (default: the model's context)")
+    p.add_argument("--stride", type=int, help="--text: tokens each window moves (default: half of --ctx)")
+    p.add_argument("--limit", type=float, help="--tasks: at most this many examples per task (or a fraction)")
+    p.add_argument("--num-fewshot", type=int, help="--tasks: examples shown before each question")
+    p.add_argument("--batch-size", type=int, default=8, help="--tasks: requests scored together (default: 8)")
+    p.add_argument("--include-path", help="--tasks: a folder of task YAML files of your own")
+    p.add_argument("--output", help="the JSON result (default: eval-CHECKPOINT-TEXT_OR_TASKS.json here)")
     add_device_options(p)
     add_no_progress_option(p)
     p.set_defaults(func=cmd_eval)
@@ -27,8 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import time
 
+    begin = time.perf_counter()
+    result = evaluate_tasks(args) if args.tasks else evaluate_text(args)
+    result["seconds"] = round(time.perf_counter() - begin, 3)
+    name = Path(args.text).stem if args.text else args.tasks.replace(",", "+")
+    write_result(Path(args.output or f"eval-{Path(args.checkpoint).resolve().name}-{name}.json"), result)
+
+
+def evaluate_text(args: argparse.Namespace) -> dict:
     import mistura
-    from mistura.atomic import atomic_write
     from mistura.eval.perplexity import evaluate_text, read_texts
     from mistura.loading import load_tokenizer
 
@@ -36,21 +52,57 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model = mistura.load(args.checkpoint, *device_and_dtype(args))
     ctx = args.ctx or model.config.max_seq_len
     stride = args.stride or max(1, ctx // 2)
-    begin = time.perf_counter()
     score = evaluate_text(model, load_tokenizer(args.checkpoint), texts, ctx, stride, progress=not args.no_progress)
-    result = {
-        "checkpoint": str(args.checkpoint),
-        "text": str(args.text),
-        "ctx": ctx,
-        "stride": stride,
-        **score.summary(),
-        "seconds": round(time.perf_counter() - begin, 3),
-    }
     print(
         f"{score.documents} document(s), {score.tokens:,} tokens, {score.bytes:,} bytes: perplexity "
         f"{score.perplexity:.3f}, {score.bits_per_byte:.4f} bits/byte, {score.tokens_per_word:.3f} tokens/word"
     )
-    output = Path(args.output or f"eval-{Path(args.checkpoint).resolve().name}-{Path(args.text).stem}.json")
-    with atomic_write(output) as file:
-        file.write(json.dumps(result, indent=2, ensure_ascii=False).encode("utf-8") + b"\n")
-    print(f"wrote {output}")
+    return {"checkpoint": str(args.checkpoint), "text": str(args.text), "ctx": ctx, "stride": stride} | score.summary()
+
+
+def evaluate_tasks(args: argparse.Namespace) -> dict:
+    """lm-evaluation-harness's simple_evaluate on the `mistura` model (mistura.eval.harness)."""
+    from importlib.util import find_spec
+
+    from mistura.checkpoint import resolve
+    from mistura.errors import ConfigError
+
+    if find_spec("lm_eval") is None:
+        raise ConfigError("mistura eval --tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
+    resolve(args.checkpoint)  # a missing checkpoint is an error before the harness starts
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+
+    import mistura.eval.harness  # noqa: F401  (registers the model)
+
+    device, dtype = device_and_dtype(args)
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    manager = TaskManager(include_path=args.include_path)
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-evaluation-harness task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    options = {"pretrained": str(args.checkpoint)} | ({"dtype": args.dtype} if dtype is not None else {})
+    results = simple_evaluate(
+        model="mistura",
+        model_args=options,
+        batch_size=args.batch_size,
+        device=str(device),
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        verbosity="ERROR",
+    )
+    print(make_table(results))
+    kept = ("results", "versions", "n-shot", "higher_is_better", "n-samples")
+    return {"checkpoint": str(args.checkpoint), "tasks": tasks, **{key: results[key] for key in kept if key in results}}
+
+
+def write_result(path: Path, result: dict) -> None:
+    from mistura.atomic import atomic_write
+
+    with atomic_write(path) as file:
+        file.write(json.dumps(result, indent=2, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
+    print(f"wrote {path}")

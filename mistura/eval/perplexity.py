@@ -18,6 +18,7 @@ tokenizer cuts the text.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
@@ -117,24 +118,32 @@ def evaluate_text(
     stride: int,
     progress: bool = False,
 ) -> TextScore:
-    """Score `texts` with windows of ctx tokens moving by stride, windows of a length batched together (their
-    logits within about LOGITS_BYTES), with a progress bar over the windows."""
+    """Score `texts` with windows of ctx tokens moving by stride, with a progress bar over the windows."""
     check_window(ctx, stride, model.config.max_seq_len)
     documents = [[BOS_ID, *encode_text(tokenizer, text)] for _, text in texts]
     spans = [(ids, *span) for ids in documents for span in windows(len(ids), ctx, stride)]
-    spans.sort(key=lambda span: span[2] - span[1])  # by length: full windows together, the few shorter apart
-    per_batch = max(1, LOGITS_BYTES // (4 * ctx * model.config.vocab_size))
-    nll = 0.0
     with tqdm(total=len(spans), unit="window", disable=not progress) as bar:
-        for _, group in groupby(spans, key=lambda span: span[2] - span[1]):
-            group = list(group)
-            for start in range(0, len(group), per_batch):
-                nll += _batch_nll(model, group[start : start + per_batch])
-                bar.update(len(group[start : start + per_batch]))
+        nll = spans_nll(model, spans, ctx, bar.update)
     tokens = sum(len(ids) - 1 for ids in documents)
     text_bytes = sum(len(text.encode("utf-8")) for _, text in texts)
     words = sum(len(text.split()) for _, text in texts)
     return TextScore(tokens, nll, text_bytes, words, len(texts))
+
+
+def spans_nll(
+    model: Transformer, spans: list[tuple[list[int], int, int, int]], ctx: int, done: Callable[[int], object]
+) -> float:
+    """The summed negative log-likelihood of the scored tokens of windows (ids, begin, end, first), those of a
+    length batched together (their logits within about LOGITS_BYTES); done(n) is told of every n finished."""
+    spans = sorted(spans, key=lambda span: span[2] - span[1])  # by length: full windows together
+    per_batch = max(1, LOGITS_BYTES // (4 * ctx * model.config.vocab_size))
+    nll = 0.0
+    for _, group in groupby(spans, key=lambda span: span[2] - span[1]):
+        group = list(group)
+        for start in range(0, len(group), per_batch):
+            nll += _batch_nll(model, group[start : start + per_batch])
+            done(len(group[start : start + per_batch]))
+    return nll
 
 
 def _batch_nll(model: Transformer, spans: list[tuple[list[int], int, int, int]]) -> float:

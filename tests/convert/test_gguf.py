@@ -4,7 +4,8 @@ Each family's checkpoint is a perturbed tiny mistura model with a byte-level BPE
 trained here on a few Portuguese sentences (300 tokens, the model's 320 embedding rows
 padded). Files are read back with the `gguf` package's reader, independently of the code
 under test: names, shapes, values (llama's q/k rows permuted as llama.cpp's converter
-permutes Hugging Face's) and metadata.
+permutes Hugging Face's; deepseek2's rotary query and key rows interleaved, kv_b_proj split
+per head) and metadata.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ gguf = pytest.importorskip("gguf")
 VOCAB, TOKENS = 320, 300
 SHAPE = dict(vocab_size=VOCAB, max_seq_len=32, n_layer=2, d_model=32, n_head=4, d_ff=64)
 EXPERTS = dict(n_experts=4, top_k=2, d_expert=32)
+MLA = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+# DeepSeek-V3's routing: sigmoid scores, a selection bias, 2 of 4 groups, renormalised and scaled, a shared expert.
+DEEPSEEK_MOE = dict(EXPERTS, n_experts=8, d_expert=16, d_shared=32, n_groups=4, topk_groups=2, route_scale=2.5)
 # family -> (preset, overrides, llama.cpp architecture)
 FAMILIES = {
     "llama": ("llama-tiny", dict(n_kv_head=2, rope_theta=500000.0), "llama"),
@@ -40,6 +44,18 @@ FAMILIES = {
     "mixtral": ("llama-tiny", dict(n_kv_head=2, moe=dict(EXPERTS, norm_topk=True)), "llama"),
     "qwen2-moe": ("llama-tiny", dict(qkv_bias=True, moe=dict(EXPERTS, d_shared=64, shared_gate=True)), "qwen2moe"),
     "qwen3-moe": ("llama-tiny", dict(qk_norm=True, head_dim=16, moe=dict(EXPERTS, norm_topk=True)), "qwen3moe"),
+    "deepseek": (
+        "dragao-tiny",
+        dict(mla=dict(MLA, q_lora_rank=16), moe=dict(DEEPSEEK_MOE, scoring="sigmoid", norm_topk=True)),
+        "deepseek2",
+    ),
+    # DeepSeek-V2-Lite's queries (no bottleneck); unnormalised, unscaled weights of every group.
+    "deepseek-lite": (
+        "dragao-tiny",
+        dict(mla=MLA, moe=dict(DEEPSEEK_MOE, scoring="sigmoid", n_groups=1, topk_groups=1, route_scale=1.0)),
+        "deepseek2",
+    ),
+    "deepseek-dense": ("dragao-tiny", dict(mla=MLA, moe=None), "deepseek2"),
 }
 TEXT = (
     "Capitu olhou para mim — devagar, com aqueles olhos de ressaca. Não sei se era ação ou coração;\n"
@@ -60,7 +76,17 @@ PER_LAYER = {  # the GGUF tensors of layer 0, as llama.cpp names them
     "ffn_down_shexp",
     "qwen3-moe": "attn_norm attn_q attn_q_norm attn_k attn_k_norm attn_v attn_output ffn_norm ffn_gate_inp "
     "ffn_gate_exps ffn_up_exps ffn_down_exps",
+    "deepseek": "attn_norm attn_q_a attn_q_a_norm attn_q_b attn_kv_a_mqa attn_kv_a_norm attn_k_b attn_v_b attn_output "
+    "ffn_norm ffn_gate ffn_up ffn_down",
+    "deepseek-dense": "attn_norm attn_q attn_kv_a_mqa attn_kv_a_norm attn_k_b attn_v_b attn_output ffn_norm ffn_gate "
+    "ffn_up ffn_down",
+    "deepseek-lite": "attn_norm attn_q attn_kv_a_mqa attn_kv_a_norm attn_k_b attn_v_b attn_output ffn_norm ffn_gate "
+    "ffn_up ffn_down",
 }
+# deepseek2's layer 1, after the dense layer 0: the MLP's tensors (its attention's are layer 0's).
+DEEPSEEK_MOE_LAYER = (
+    "ffn_gate_inp exp_probs_b.bias ffn_gate_exps ffn_up_exps ffn_down_exps ffn_gate_shexp ffn_up_shexp ffn_down_shexp"
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +97,15 @@ def tokenizer_file(tmp_path_factory) -> Path:
 
 
 def build(family: str, **extra) -> Transformer:
-    preset, overrides, _ = FAMILIES[family]
+    preset, overrides, arch = FAMILIES[family]
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(preset, **{**SHAPE, **overrides, **extra})).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.add_(0.1 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias") and arch == "deepseek2":  # the selection bias only deepseek2 holds
+                buffer.add_(0.1 * torch.randn_like(buffer))
     return model
 
 
@@ -134,6 +163,8 @@ def expected_gguf(model: Transformer, family: str) -> dict[str, torch.Tensor]:
             expected[f"blk.0.attn_qkv.{kind}"] = torch.cat([state[f"{attn}{p}_proj.{kind}"] for p in "qkv"])
         expected |= {"position_embd.weight": state["pos_emb.weight"], "output_norm.bias": state["norm.bias"]}
         return expected
+    if arch == "deepseek2":
+        return expected | expected_deepseek2(state, config)
     q, k = state[f"{attn}q_proj.weight"], state[f"{attn}k_proj.weight"]
     if arch == "llama":
         q, k = interleaved(q, config.n_head), interleaved(k, config.n_kv_head)
@@ -148,6 +179,91 @@ def expected_gguf(model: Transformer, family: str) -> dict[str, torch.Tensor]:
     else:
         expected["blk.0.ffn_down.weight"] = state["blocks.0.mlp.down_proj.weight"]
     return expected
+
+
+def expected_deepseek2(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """deepseek2's layer 0 (latent attention, dense MLP) and layer 1's experts: each head's rotary query rows
+    and the shared rotary key's interleaved, kv_b_proj split per head into k_b (transposed) and v_b."""
+    mla, heads, attn = config.mla, config.n_head, "blocks.0.attn."
+    nope, rope, rank = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+    q_name, q_proj = ("attn_q", "q_proj") if mla.q_lora_rank is None else ("attn_q_b", "q_b_proj")
+    q = state[f"{attn}{q_proj}.weight"].reshape(heads, nope + rope, -1)
+    q_rope = interleaved(q[:, nope:].reshape(heads * rope, -1), heads).reshape(heads, rope, -1)
+    kv_a = state[f"{attn}kv_a_proj.weight"]
+    kv_b = state[f"{attn}kv_b_proj.weight"].reshape(heads, nope + mla.v_head_dim, rank)
+    expected = {
+        f"blk.0.{q_name}.weight": torch.cat((q[:, :nope], q_rope), dim=1).reshape(heads * (nope + rope), -1),
+        "blk.0.attn_kv_a_mqa.weight": torch.cat((kv_a[:rank], interleaved(kv_a[rank:], 1))),
+        "blk.0.attn_k_b.weight": kv_b[:, :nope].transpose(1, 2),
+        "blk.0.attn_v_b.weight": kv_b[:, nope:],
+        "blk.0.attn_output.weight": state[f"{attn}o_proj.weight"],
+        "blk.0.ffn_down.weight": state["blocks.0.mlp.down_proj.weight"],
+    }
+    if mla.q_lora_rank is not None:
+        expected["blk.0.attn_q_a.weight"] = state[f"{attn}q_a_proj.weight"]
+    if config.moe is None:
+        return expected
+    return expected | {
+        "blk.1.ffn_gate_inp.weight": state["blocks.1.mlp.router.gate.weight"],
+        "blk.1.exp_probs_b.bias": state["blocks.1.mlp.router.expert_bias"],
+        "blk.1.ffn_gate_exps.weight": state["blocks.1.mlp.experts.gate_proj"],
+        "blk.1.ffn_up_shexp.weight": state["blocks.1.mlp.shared.up_proj.weight"],
+    }
+
+
+def expected_keys(config: ModelConfig, arch: str) -> dict:
+    """The {arch}.* keys the file must hold, from the config."""
+    keys = {
+        "context_length": 32,
+        "embedding_length": 32,
+        "block_count": 2,
+        "attention.head_count": 4,
+        "attention.head_count_kv": config.n_kv_head,
+        "attention.key_length": config.head_dim,
+        "vocab_size": VOCAB,
+    }
+    if arch == "gpt2":
+        return keys | {"attention.layer_norm_epsilon": pytest.approx(config.norm_eps), "feed_forward_length": 64}
+    keys |= {
+        "attention.layer_norm_rms_epsilon": pytest.approx(config.norm_eps),
+        "rope.freq_base": pytest.approx(config.rope_theta),
+        "rope.dimension_count": config.head_dim,
+        "feed_forward_length": config.d_ff,
+    }
+    if config.moe is not None:
+        keys |= {"expert_count": config.moe.n_experts, "expert_used_count": 2}
+        keys |= {"expert_feed_forward_length": config.moe.d_expert}
+    if arch == "llama" and config.moe is not None:
+        keys["feed_forward_length"] = 32
+    if arch == "deepseek2":
+        keys |= deepseek2_keys(config)
+    return keys
+
+
+def deepseek2_keys(config: ModelConfig) -> dict:
+    """Latent attention as one key head of latent + rotary channels, and DeepSeek's routing."""
+    mla, moe = config.mla, config.moe
+    keys = {
+        "attention.head_count_kv": 1,
+        "attention.key_length": 16 + 4,
+        "attention.value_length": 16,
+        "attention.key_length_mla": 8 + 4,
+        "attention.value_length_mla": 8,
+        "attention.q_lora_rank": mla.q_lora_rank or 0,
+        "attention.kv_lora_rank": 16,
+        "leading_dense_block_count": 1 if moe is not None else 2,
+    }
+    if moe is None:
+        return keys | {"expert_shared_count": 0, "expert_feed_forward_length": 0}
+    keys |= {
+        "expert_shared_count": 2,
+        "expert_weights_scale": pytest.approx(moe.route_scale),
+        "expert_weights_norm": moe.norm_topk,
+        "expert_gating_func": gguf.ExpertGatingFuncType.SIGMOID,
+    }
+    if moe.n_groups > 1:
+        keys |= {"expert_group_count": 4, "expert_group_used_count": 2}
+    return keys
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -168,7 +284,12 @@ def test_f32_export_holds_every_tensor_and_key(family, checkpoint, exported):
     assert {name for name in tensors if not name.startswith("blk.")} == set(expected_gguf(model, family)) - {
         name for name in expected_gguf(model, family) if name.startswith("blk.")
     }
-    assert len([name for name in tensors if name.startswith("blk.1.")]) == len(layer)
+    later = {name.removeprefix("blk.1.") for name in tensors if name.startswith("blk.1.")}
+    if arch == "deepseek2" and config.moe is not None:
+        mlp = {"ffn_gate", "ffn_up", "ffn_down"}
+        wanted = {name for name in wanted if name.removesuffix(".weight") not in mlp}
+        wanted |= {name if "." in name else f"{name}.weight" for name in DEEPSEEK_MOE_LAYER.split()}
+    assert later == wanted
     known = ARCHS[arch].tensors
     assert all(
         name.rsplit(".", 1)[0].replace("blk.0.", "blk.{i}.").replace("blk.1.", "blk.{i}.") in known for name in tensors
@@ -176,31 +297,12 @@ def test_f32_export_holds_every_tensor_and_key(family, checkpoint, exported):
     for name, tensor in expected_gguf(model, family).items():
         assert tensors[name].shape == tuple(tensor.shape), name
         np.testing.assert_array_equal(tensors[name], tensor.numpy(), err_msg=name)
-    keys = {
-        "context_length": 32,
-        "embedding_length": 32,
-        "block_count": 2,
-        "attention.head_count": 4,
-        "attention.head_count_kv": config.n_kv_head,
-        "attention.key_length": config.head_dim,
-        "vocab_size": VOCAB,
-    }
-    if arch == "gpt2":
-        keys["attention.layer_norm_epsilon"] = pytest.approx(config.norm_eps)
-    else:
-        keys |= {
-            "attention.layer_norm_rms_epsilon": pytest.approx(config.norm_eps),
-            "rope.freq_base": pytest.approx(config.rope_theta),
-            "rope.dimension_count": config.head_dim,
-        }
-    if config.moe is not None:
-        keys |= {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
-        keys["feed_forward_length"] = 32 if arch == "llama" else config.d_ff
-    else:
-        keys["feed_forward_length"] = config.d_ff
+    keys = expected_keys(config, arch)
     assert {key: fields[f"{arch}.{key}"] for key in keys} == keys
     if family == "qwen2-moe":
         assert fields["qwen2moe.expert_shared_feed_forward_length"] == 64
+    if family == "deepseek-lite":  # every group eligible: llama.cpp must not limit the choice
+        assert "deepseek2.expert_group_count" not in fields
 
 
 def test_tokenizer_keys(exported, tokenizer_file):
@@ -268,12 +370,12 @@ def test_chat_template_travels(tmp_path, tokenizer_file):
         ("mixtral", dict(moe=dict(EXPERTS, norm_topk=False)), "norm_topk"),
         ("qwen3-moe", dict(moe=dict(EXPERTS, norm_topk=False)), "qwen3moe renormalises"),
         ("qwen2-moe", dict(layer_mlp=("dense", "moe")), "experts in every layer"),
-        ("llama", dict(mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)), "deepseek2"),
+        ("deepseek", dict(yarn=dict(factor=4.0, original_max_seq_len=8)), "YaRN"),
+        ("deepseek", dict(moe=dict(DEEPSEEK_MOE, scoring="sigmoid", d_shared=0)), "always runs shared experts"),
+        ("deepseek", dict(moe=dict(DEEPSEEK_MOE, scoring="softmax")), "scoring"),
     ],
 )
 def test_features_llama_cpp_lacks_are_refused(family, extra, message, tmp_path, tokenizer_file):
-    if "mla" in extra:
-        extra = dict(extra, n_kv_head=None, head_dim=None)
     ckpt = save_model(tmp_path / "ckpt", build(family, **extra), tokenizer_file)
     with pytest.raises(ConfigError, match=message):
         to_gguf(ckpt, tmp_path / "out.gguf", type="f32")

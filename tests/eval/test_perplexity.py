@@ -8,24 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mistura.checkpoint import save_model
 from mistura.cli import main
 from mistura.data.tokenizer import BOS_ID, encode_text
 from mistura.errors import ConfigError
 from mistura.eval.perplexity import evaluate_text, windows
 from mistura.loading import load_tokenizer
-from mistura.model import Transformer
-
-TEXT = "Capitu tinha os olhos de cigana oblíqua e dissimulada.\nEra 1857, e a casa da rua de Matacavalos ainda existia."
-
-
-@pytest.fixture(scope="module")
-def checkpoint(prepared, tmp_path_factory, request):
-    from mistura.config import ModelConfig
-
-    torch.manual_seed(0)
-    config = ModelConfig.from_name("llama-tiny", vocab_size=384, max_seq_len=16, n_layer=2, d_model=32, n_head=4)
-    return save_model(tmp_path_factory.mktemp("eval") / "ckpt", Transformer(config), prepared / "tokenizer.json")
+from tests.eval.conftest import TEXT
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ converter, and quantised with `gguf.quants.quantize` (llama.cpp's block layouts)
 header (metadata and every tensor's name, shape and type) goes first, then each tensor
 is read from the checkpoint, converted and written before the next is read: memory
 stays near the largest tensor. The file appears whole under its name or not at all.
+One mapped tensor may be stored as several: deepseek2's kv_b_proj as per-head attn_k_b
+and attn_v_b (`archs.stored_tensors`).
 
 Weights take the chosen type where llama.cpp's converter would: matrices of rows that
 split into whole blocks; vectors (norms, biases), routers and learned positions stay f32,
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from mistura.atomic import atomic_write
 from mistura.checkpoint import check_shapes, read_config, resolve, verify
 from mistura.config import ModelConfig
-from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows, write_metadata
+from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows, stored_tensors, write_metadata
 from mistura.convert.gguf.tokenizer import write_tokenizer
 from mistura.convert.hf import is_hugging_face
 from mistura.convert.mapping import TensorMap
@@ -73,15 +75,16 @@ def to_gguf(checkpoint: str | Path, out: str | Path, *, type: str = "f16", progr
         for name in mapped.unfed:
             if files.read(name).count_nonzero():
                 raise ConfigError(f"{name} is not zero, and llama.cpp's {arch.name} has no tensor to hold it")
-        types = {name: _tensor_type(name, mapped.hf_shape(name), qtype) for name in mapped.hf_names()}
+        shapes = gguf_shapes(config, mapped)
+        types = {name: _tensor_type(name, shape, qtype) for name, shape in shapes.items()}
         # GGUFWriter opens files by path: it writes the temporary file that atomic_write renames at the end.
         with atomic_write(out) as file:
             writer = gguf.GGUFWriter(file.name, arch.name)
             try:
-                _write_header(writer, config, arch, mapped, types, directory, qtype)
-                for name in tqdm(types, desc=out.name, unit="tensor", disable=not progress):
-                    tensor = mapped.theirs(name, files.read).float().numpy()
-                    writer.write_tensor_data(gguf.quants.quantize(tensor, types[name]))
+                _write_header(writer, config, arch, shapes, types, directory, qtype)
+                for name in tqdm(mapped.hf_names(), desc=out.name, unit="tensor", disable=not progress):
+                    for part, tensor in stored_tensors(config, name, mapped.theirs(name, files.read).float()).items():
+                        writer.write_tensor_data(gguf.quants.quantize(tensor.numpy(), types[part]))
             finally:
                 writer.close()
     return out
@@ -103,11 +106,20 @@ def gguf_map(config: ModelConfig, arch: Arch) -> TensorMap:
     )
 
 
+def gguf_shapes(config: ModelConfig, mapped: TensorMap) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the GGUF file, in the order written (PyTorch's (out, in))."""
+    return {
+        part: tuple(tensor.shape)
+        for name in mapped.hf_names()
+        for part, tensor in stored_tensors(config, name, torch.empty(mapped.hf_shape(name), device="meta")).items()
+    }
+
+
 def _write_header(
     writer: gguf.GGUFWriter,
     config: ModelConfig,
     arch: Arch,
-    mapped: TensorMap,
+    shapes: dict[str, tuple[int, ...]],
     types: dict[str, Q],
     directory: Path,
     qtype: Q,
@@ -122,7 +134,7 @@ def _write_header(
     if template:
         writer.add_chat_template(template)
     for name, kind in types.items():
-        shape = mapped.hf_shape(name)
+        shape = shapes[name]
         block, size = gguf.GGML_QUANT_SIZES[kind]
         writer.add_tensor_info(name, shape, np.dtype(np.float32), math.prod(shape) // block * size, raw_dtype=kind)
     writer.write_header_to_file()

@@ -3,8 +3,9 @@
     >>> from_gguf("qwen.gguf", "ckpt/qwen")
 
 Read with the `gguf` package's `GGUFReader` (memory-mapped), each tensor dequantised with
-`gguf.quants.dequantize` to fp32, renamed and, for llama.cpp's `llama`, its query and key
-rows put back in mistura's rotary order (see `archs`). The config comes from the file's
+`gguf.quants.dequantize` to fp32, renamed and, for llama.cpp's `llama` and `deepseek2`,
+its query and key rows put back in mistura's rotary order (see `archs`); deepseek2's
+per-head attn_k_b and attn_v_b are joined back into kv_b_proj. The config comes from the file's
 {arch}.* keys and the tokenizer from its tokenizer.ggml.* keys, with the chat template
 as chat_template.jinja. The checkpoint appears whole or not at all.
 """
@@ -20,7 +21,7 @@ import torch
 
 from mistura.checkpoint import checkpoint_directory, write_model
 from mistura.config import ModelConfig
-from mistura.convert.gguf.archs import Metadata, find_arch
+from mistura.convert.gguf.archs import Metadata, find_arch, joined_shapes, joined_tensor
 from mistura.convert.gguf.export import gguf_map
 from mistura.convert.gguf.tokenizer import read_tokenizer
 from mistura.convert.hf import new_folder
@@ -43,11 +44,14 @@ def from_gguf(path: str | Path, out_dir: str | Path) -> Path:
     config = gguf_config(fields, set(tensors), arch.name)
     tokenizer = read_tokenizer(fields)
     mapped = gguf_map(config, arch)
-    mapped.check({name: tuple(int(n) for n in reversed(tensor.shape)) for name, tensor in tensors.items()})
+    mapped.check(joined_shapes(config, {name: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()}))
 
-    def read(name: str, index: int | None) -> torch.Tensor:
+    def stored(name: str) -> torch.Tensor:
         tensor = tensors[name]
         return torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+
+    def read(name: str, index: int | None) -> torch.Tensor:
+        return joined_tensor(config, name, stored)
 
     model = Transformer(config)
     state = {name: mapped.ours(name, read) for name in mapped.shapes}
