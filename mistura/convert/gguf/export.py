@@ -8,7 +8,7 @@ header (metadata and every tensor's name, shape and type) goes first, then each 
 is read from the checkpoint, converted and written before the next is read: memory
 stays near the largest tensor. The file appears whole under its name or not at all.
 One mapped tensor may be stored as several: deepseek2's kv_b_proj as per-head attn_k_b
-and attn_v_b (`archs.stored_tensors`).
+and attn_v_b (`layout.stored_tensors`).
 
 Weights take the chosen type where llama.cpp's converter would: matrices of rows that
 split into whole blocks; vectors (norms, biases), routers and learned positions stay f32,
@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from mistura.atomic import atomic_write
 from mistura.checkpoint import check_shapes, read_config, resolve, verify
 from mistura.config import ModelConfig
-from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows, stored_tensors, write_metadata
+from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows
+from mistura.convert.gguf.layout import stored_tensors
+from mistura.convert.gguf.metadata import write_metadata
 from mistura.convert.gguf.tokenizer import write_tokenizer
 from mistura.convert.hf import is_hugging_face
 from mistura.convert.mapping import TensorMap
@@ -128,7 +130,7 @@ def _write_header(
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_file_type(FILE_TYPES[qtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    write_metadata(writer, config, arch)
+    write_metadata(writer, config, arch.name)
     write_tokenizer(writer, directory / "tokenizer.json", config.vocab_size)
     template = load_chat_template(directory, default="").source
     if template:

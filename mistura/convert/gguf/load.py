@@ -4,7 +4,7 @@
 
 Read with the `gguf` package's `GGUFReader` (memory-mapped), each tensor dequantised with
 `gguf.quants.dequantize` to fp32, renamed and, for llama.cpp's `llama` and `deepseek2`,
-its query and key rows put back in mistura's rotary order (see `archs`); deepseek2's
+its query and key rows put back in mistura's rotary order (see `layout`); deepseek2's
 per-head attn_k_b and attn_v_b are joined back into kv_b_proj. The config comes from the file's
 {arch}.* keys and the tokenizer from its tokenizer.ggml.* keys, with the chat template
 as chat_template.jinja. The checkpoint appears whole or not at all.
@@ -21,8 +21,10 @@ import torch
 
 from mistura.checkpoint import checkpoint_directory, write_model
 from mistura.config import ModelConfig
-from mistura.convert.gguf.archs import Metadata, find_arch, joined_shapes, joined_tensor
+from mistura.convert.gguf.archs import find_arch
 from mistura.convert.gguf.export import gguf_map
+from mistura.convert.gguf.layout import joined_shapes, joined_tensor
+from mistura.convert.gguf.metadata import Metadata
 from mistura.convert.gguf.tokenizer import read_tokenizer
 from mistura.convert.hf import new_folder
 from mistura.errors import CheckpointError, ConfigError
