@@ -41,8 +41,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
+from mistura.chat_template import ChatTemplate, load_chat_template
 from mistura.errors import CheckpointError, MisturaError
-from mistura.infer.chat import ChatTemplate, load_chat_template
 from mistura.infer.engine import check_prompts
 from mistura.infer.generate import TextStream, encode_prompt, not_utf8
 from mistura.infer.sampling import Sampling

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mistura.chat_template import Message
 from mistura.errors import ConfigError, DataError
-from mistura.infer.chat import Message
 
 ROLES = ("system", "user", "assistant")
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from mistura.chat_template import ChatTemplate, Message
 from mistura.errors import CheckpointError, DataError
-from mistura.infer.chat import ChatTemplate, Message
 from mistura.train.loop import IGNORE
 from mistura.tune.data import Conversation
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from mistura.chat_template import ChatTemplate
 from mistura.errors import DataError
-from mistura.infer.chat import ChatTemplate
 from mistura.infer.generate import generate_text
 from mistura.infer.sampling import Sampling
 from mistura.model import Transformer

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mistura.chat_template import Message
 from mistura.errors import DataError
-from mistura.infer.chat import Message
 from mistura.tune.data import check_messages, json_object, jsonl_lines
 from mistura.tune.encode import Encoder
 

@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from mistura.chat_template import ChatTemplate
 from mistura.checkpoint import WEIGHTS_METADATA, check_state, checkpoint_directory, read_tensors, write_model
 from mistura.config import ModelConfig
 from mistura.errors import CheckpointError, DataError
-from mistura.infer.chat import ChatTemplate
 from mistura.loading import load, locate
 from mistura.model import Transformer
 from mistura.train.loop import IGNORE

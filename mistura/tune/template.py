@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mistura.infer.chat import ChatTemplate, load_chat_template
+from mistura.chat_template import ChatTemplate, load_chat_template
 
 SCRIPT_WITH_EOS = (
     "{{ bos_token }}{% for message in messages %}"

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mistura
-import mistura.infer.chat
+import mistura.chat_template
 from mistura.checkpoint import checkpoint_directory, save_model, write_model
 from mistura.cli import main
 from mistura.config import ModelConfig
@@ -356,7 +356,7 @@ def test_chat_template_travels(tmp_path, tokenizer_file):
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE
     back = from_gguf(tmp_path / "chat.gguf", tmp_path / "back")
     assert (back / "chat_template.jinja").read_text(encoding="utf-8") == CHAT_TEMPLATE
-    assert mistura.infer.chat.load_chat_template(back).source == CHAT_TEMPLATE
+    assert mistura.chat_template.load_chat_template(back).source == CHAT_TEMPLATE
 
 
 @pytest.mark.parametrize(

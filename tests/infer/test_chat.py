@@ -7,13 +7,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from mistura.chat_template import DEFAULT_STOP, load_chat_template
 from mistura.checkpoint import save_model
 from mistura.cli import main
 from mistura.config import ModelConfig
 from mistura.data.tokenizer import BOS_ID, EOS_ID, train_tokenizer
 from mistura.errors import CheckpointError, DataError
 from mistura.infer import engine
-from mistura.infer.chat import DEFAULT_STOP, Chat, load_chat_template, open_chat, repl
+from mistura.infer.chat import Chat, open_chat, repl
 from mistura.infer.sampling import Sampling
 from mistura.loading import load
 from mistura.model import Transformer

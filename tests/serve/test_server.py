@@ -25,9 +25,9 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import mistura
+from mistura.chat_template import load_chat_template
 from mistura.cli import main
 from mistura.data.tokenizer import EOS_ID
-from mistura.infer.chat import load_chat_template
 from mistura.infer.engine import generate
 from mistura.infer.generate import encode_prompt, generate_text
 from mistura.infer.sampling import Sampling

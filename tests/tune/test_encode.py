@@ -2,9 +2,9 @@ import shutil
 
 import pytest
 
+from mistura.chat_template import ChatTemplate
 from mistura.data.tokenizer import BOS_ID, EOS_ID
 from mistura.errors import DataError
-from mistura.infer.chat import ChatTemplate
 from mistura.loading import load_tokenizer
 from mistura.train.loop import IGNORE
 from mistura.tune.data import Conversation

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_write
+from mistura.chat_template import load_chat_template
 from mistura.checkpoint import check_shapes, read_config, resolve, verify
 from mistura.config import ModelConfig
 from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows
@@ -35,7 +36,6 @@ from mistura.convert.gguf.tokenizer import write_tokenizer
 from mistura.convert.hf import is_hugging_face
 from mistura.convert.mapping import TensorMap
 from mistura.errors import CheckpointError, ConfigError
-from mistura.infer.chat import load_chat_template
 from mistura.model import Transformer
 from mistura.shards import WeightFiles
 
