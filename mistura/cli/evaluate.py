@@ -26,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=float, help="--tasks: at most this many examples per task (or a fraction)")
     p.add_argument("--num-fewshot", type=int, help="--tasks: examples shown before each question")
     p.add_argument("--batch-size", type=int, default=8, help="--tasks: requests scored together (default: 8)")
-    p.add_argument("--include-path", help="--tasks: a folder of task YAML files of your own")
+    p.add_argument(
+        "--include-path", help="--tasks: a folder of task YAML files of your own (mistura's own are always found)"
+    )
     p.add_argument("--output", help="the JSON result (default: eval-CHECKPOINT-TEXT_OR_TASKS.json here)")
     add_device_options(p)
     add_no_progress_option(p)
@@ -75,10 +77,11 @@ def evaluate_tasks(args: argparse.Namespace) -> dict:
     from lm_eval.utils import make_table
 
     import mistura.eval.harness  # noqa: F401  (registers the model)
+    from mistura.eval.tasks import TASKS_DIR
 
     device, dtype = device_and_dtype(args)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    manager = TaskManager(include_path=args.include_path)
+    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([args.include_path] if args.include_path else []))
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lm-evaluation-harness task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")

@@ -17,7 +17,8 @@ Prompts are encoded as the model was trained: BOS, then the text.
 
 `lm_eval` finds its models in its own registry, which nothing outside its package fills before its
 command line runs; `python -m mistura.eval.harness` registers `mistura` and then runs that command
-line, with every one of its options.
+line, with every one of its options, and with mistura's own tasks (mistura.eval.tasks) as the
+include path unless `--include_path` names another.
 """
 
 from __future__ import annotations
@@ -150,10 +151,14 @@ class MisturaLM(TemplateLM):
 
 
 def main() -> None:
-    """lm_eval's command line, with the `mistura` model registered."""
+    """lm_eval's command line, with the `mistura` model registered and mistura's tasks included."""
     from lm_eval.__main__ import cli_evaluate
 
+    from mistura.eval.tasks import TASKS_DIR
+
     sys.argv[0] = "lm_eval"
+    if len(sys.argv) > 2 and not {"--include_path", "-h", "--help"} & set(sys.argv):  # run, ls or validate
+        sys.argv += ["--include_path", str(TASKS_DIR)]
     cli_evaluate()
 
 
