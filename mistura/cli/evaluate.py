@@ -46,61 +46,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def evaluate_text(args: argparse.Namespace) -> dict:
-    import mistura
-    from mistura.eval.perplexity import evaluate_text, read_texts
-    from mistura.loading import load_tokenizer
+    from mistura.eval.perplexity import score_checkpoint
 
-    texts = read_texts(args.text)
-    model = mistura.load(args.checkpoint, *device_and_dtype(args))
-    ctx = args.ctx or model.config.max_seq_len
-    stride = args.stride or max(1, ctx // 2)
-    score = evaluate_text(model, load_tokenizer(args.checkpoint), texts, ctx, stride, progress=not args.no_progress)
-    print(
-        f"{score.documents} document(s), {score.tokens:,} tokens, {score.bytes:,} bytes: perplexity "
-        f"{score.perplexity:.3f}, {score.bits_per_byte:.4f} bits/byte, {score.tokens_per_word:.3f} tokens/word"
+    result = score_checkpoint(
+        args.checkpoint, args.text, args.ctx, args.stride, *device_and_dtype(args), progress=not args.no_progress
     )
-    return {"checkpoint": str(args.checkpoint), "text": str(args.text), "ctx": ctx, "stride": stride} | score.summary()
+    print(
+        f"{result['documents']} document(s), {result['tokens']:,} tokens, {result['bytes']:,} bytes: perplexity "
+        f"{result['perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte, "
+        f"{result['tokens_per_word']:.3f} tokens/word"
+    )
+    return result
 
 
 def evaluate_tasks(args: argparse.Namespace) -> dict:
     """lm-evaluation-harness's simple_evaluate on the `mistura` model (mistura.eval.harness)."""
     from importlib.util import find_spec
 
-    from mistura.checkpoint import resolve
     from mistura.errors import ConfigError
 
     if find_spec("lm_eval") is None:
         raise ConfigError("mistura eval --tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
-    resolve(args.checkpoint)  # a missing checkpoint is an error before the harness starts
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
 
-    import mistura.eval.harness  # noqa: F401  (registers the model)
-    from mistura.eval.tasks import TASKS_DIR
+    from mistura.eval.harness import evaluate_tasks
 
     device, dtype = device_and_dtype(args)
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([args.include_path] if args.include_path else []))
-    unknown = [task for task in tasks if task not in manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"unknown lm-evaluation-harness task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    options = {"pretrained": str(args.checkpoint)} | ({"dtype": args.dtype} if dtype is not None else {})
-    results = simple_evaluate(
-        model="mistura",
-        model_args=options,
-        batch_size=args.batch_size,
-        device=str(device),
-        tasks=tasks,
-        num_fewshot=args.num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        verbosity="ERROR",
+    results = evaluate_tasks(
+        args.checkpoint, tasks, limit, args.num_fewshot, args.batch_size, args.include_path, device, args.dtype
     )
     print(make_table(results))
-    kept = ("results", "versions", "n-shot", "higher_is_better", "n-samples")
-    return {"checkpoint": str(args.checkpoint), "tasks": tasks, **{key: results[key] for key in kept if key in results}}
+    return results
 
 
 def write_result(path: Path, result: dict) -> None:

@@ -25,8 +25,15 @@ from mistura.compare.metrics import FINAL_FRACTION, WARMUP_FRACTION
 from mistura.plan import TOKENS_PER_PARAM
 
 
-def write_report(results: list[dict[str, Any]], out: Path, title: str, command: str) -> Path:
-    """Write out/report.md from the runs' metrics (and their samples in out/generations/)."""
+def write_report(
+    results: list[dict[str, Any]],
+    out: Path,
+    title: str,
+    command: str,
+    scores: list[dict[str, Any]] | None = None,
+) -> Path:
+    """Write out/report.md from the runs' metrics, their samples in out/generations/ and, if the suite has an
+    `eval:` block, their scores (mistura.compare.evaluate)."""
     train = results[0]["spec"]["run"]["train"]
     data = results[0]["spec"]["run"]["data"]
     seq_len = results[0]["spec"]["run"]["model"]["max_seq_len"]
@@ -51,6 +58,7 @@ def write_report(results: list[dict[str, Any]], out: Path, title: str, command: 
         *results_table(results),
         "",
         *moe_table(results),
+        *eval_table(results, scores),
         "## Summary",
         "",
         *summary(results),
@@ -149,6 +157,47 @@ def moe_row(result: dict[str, Any]) -> list[str]:
         f"{mean['dead_experts']:.2f}",
         losses,
     ]
+
+
+def eval_table(results: list[dict[str, Any]], scores: list[dict[str, Any]] | None) -> list[str]:
+    """Each run's validation perplexity beside its scores on the suite's text and lm-evaluation-harness tasks."""
+    if not scores:
+        return []
+    spec = scores[0]["spec"]
+    header = ["run", "val ppl"] + (["text ppl", "text bits/byte"] if spec["text"] else [])
+    metrics = [(task, key) for task, figures in scores[0]["tasks"].items() for key in figures if is_metric(key)]
+    header += [f"{task} {key.removesuffix(',none')}" for task, key in metrics]
+    rows = []
+    for result, score in zip(results, scores):
+        text = [f"{score['text']['perplexity']:.1f}", f"{score['text']['bits_per_byte']:.3f}"] if spec["text"] else []
+        tasks = [with_stderr(score["tasks"][task], key) for task, key in metrics]
+        rows.append([result["run"], f"{result['val_ppl']:.1f}", *text, *tasks])
+    return ["### Evaluation", "", eval_note(spec, scores[0]["text"]), "", *table(header, rows), ""]
+
+
+def eval_note(spec: dict[str, Any], text: dict[str, Any] | None) -> str:
+    """What the evaluation table's columns were measured on."""
+    note = []
+    if text:
+        note.append(f"Text: `{spec['text']}`, windows of {text['ctx']} tokens moving by {text['stride']}.")
+    if spec["tasks"]:
+        limit = f", at most {spec['limit']:g} examples per task" if spec["limit"] is not None else ""
+        shots = f", {spec['num_fewshot']} shot(s)" if spec["num_fewshot"] is not None else ""
+        note.append(f"Tasks: lm-evaluation-harness{limit}{shots}; ± is the standard error.")
+    return " ".join(note + ["Each run's scores are in `evals/<run>_eval.json`."])
+
+
+def is_metric(key: str) -> bool:
+    """lm_eval's "acc,none" is a metric under filter none; "acc_stderr,none" is its standard error."""
+    return "," in key and "_stderr," not in key
+
+
+def with_stderr(figures: dict[str, Any], key: str) -> str:
+    name, _, where = key.partition(",")
+    value, stderr = figures[key], figures.get(f"{name}_stderr,{where}")
+    if not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.3f} ± {stderr:.3f}" if isinstance(stderr, (int, float)) else f"{value:.3f}"
 
 
 def summary(results: list[dict[str, Any]]) -> list[str]:

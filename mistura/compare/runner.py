@@ -6,6 +6,8 @@
     <out>/generations/<run>_generations.json   its samples: prompts x seeds, with the settings
     <out>/metrics/<run>_metrics.json           written last: a run with this file is finished
                                                (fields in mistura/compare/metrics.py)
+    <out>/evals/<run>_eval.json                its scores on the suite's eval: block, if it has one
+                                               (mistura/compare/evaluate.py)
     <out>/plots/*.png, <out>/report.md         drawn again from every metrics file at the end
 
 Each run trains in its own Python process (mistura.compare.worker), so the peak memory it
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mistura.compare.counts import counts_table, match_configs
+from mistura.compare.evaluate import check_evaluation, evaluate_runs
 from mistura.compare.plots import write_plots
 from mistura.compare.report import write_report
 from mistura.compare.suite import GenerationConfig, Run, Suite
@@ -47,6 +50,8 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Train (or skip, or resume) every run of the suite, then write plots and report; returns the runs' metrics."""
     out = Path(out)
+    if suite.evaluation:
+        check_evaluation(suite.evaluation)  # a typo in a task name is found now, not after the training
     meta = prepared_data(suite.runs[0].config.data, log)  # once, before the runs start
     runs = sized_runs(suite.runs, meta["vocab_size"], match, log)
     first = runs[0].config
@@ -66,8 +71,9 @@ def compare(
             result = train_in_subprocess(out, run.name, spec, progress)
             durations.append(time.perf_counter() - run_started)
         results.append(result)
+    scores = evaluate_runs(results, out, suite.evaluation, log) if suite.evaluation else None
     write_plots(results, out / "plots")
-    report = write_report(results, out, suite.name, command)
+    report = write_report(results, out, suite.name, command, scores)
     log(f"all {len(runs)} runs done in {duration(time.perf_counter() - started)}; report: {report}")
     return results
 

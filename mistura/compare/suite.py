@@ -7,6 +7,7 @@ A suite YAML names the shared sections once, then each run's model:
     model: {max_seq_len: 128}         # optional: fields every run's model shares
     train: {batch_size: 16, max_steps: 400, lr: 3e-3, ...}   # no out_dir: compare places the runs
     generation: {prompts: [...], samples_per_prompt: 2, max_new_tokens: 40, temperature: 0.8}
+    eval: {tasks: [machado_cloze], limit: 200, text: texts/}   # optional: scores beside the perplexity
     runs:
       - {name: dense, model: {preset: seed004-baseline}}
       - {model: {preset: qwen-moe-4e-top1, moe: {capacity_factor: 1.25}}}   # name: the preset
@@ -31,7 +32,7 @@ from mistura.errors import ConfigError
 from mistura.fields import from_dict, merge, read_yaml
 from mistura.train.config import RunConfig, SampleConfig
 
-SUITE_KEYS = {"name", "data", "model", "train", "generation", "runs"}
+SUITE_KEYS = {"name", "data", "model", "train", "generation", "eval", "runs"}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # run names become file names
 
 
@@ -61,6 +62,37 @@ class GenerationConfig(SampleConfig):
         return range(self.seed, self.seed + self.samples_per_prompt)
 
 
+@dataclass
+class EvalConfig:
+    """What every trained model is scored on beside its validation perplexity (mistura.compare.evaluate).
+
+    tasks: lm-evaluation-harness tasks (the eval extra), mistura's own (machado_cloze) included, with
+    limit, num_fewshot, batch_size and include_path as `mistura eval --tasks` takes them; text: a UTF-8
+    file or folder scored as `mistura eval --text` does (perplexity, bits per byte), with ctx and stride.
+    """
+
+    tasks: tuple[str, ...] = ()
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    include_path: str | None = None
+    text: str | None = None
+    ctx: int | None = None
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks and not self.text:
+            raise ConfigError("eval: name tasks (lm-evaluation-harness tasks), a text, or both")
+        if not all(isinstance(task, str) and task.strip() for task in self.tasks):
+            raise ConfigError(f"eval.tasks: task names, none of them empty, got {list(self.tasks)}")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"eval.limit: a number of examples (or a fraction), above 0, got {self.limit}")
+        if self.limit is not None and self.limit >= 1:
+            self.limit = int(self.limit)
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+
+
 @dataclass(frozen=True)
 class Run:
     name: str  # names its files: <out>/runs/<name>/, metrics/<name>_metrics.json, ...
@@ -72,6 +104,7 @@ class Suite:
     name: str
     runs: list[Run]
     generation: GenerationConfig
+    evaluation: EvalConfig | None = None
 
 
 def load_suite(paths: list[str | Path], overrides: dict[str, Any] | None = None) -> Suite:
@@ -109,7 +142,8 @@ def suite_from_dict(data: dict[str, Any], default_name: str) -> Suite:
             raise ConfigError(f"run '{name}': {err}") from err
         runs.append(Run(name, config))
     generation = from_dict(GenerationConfig, data.get("generation") or {}, "generation")
-    return Suite(str(data.get("name") or default_name), check_runs(runs), generation)
+    evaluation = from_dict(EvalConfig, data["eval"], "eval") if data.get("eval") is not None else None
+    return Suite(str(data.get("name") or default_name), check_runs(runs), generation, evaluation)
 
 
 def check_runs(runs: list[Run]) -> list[Run]:

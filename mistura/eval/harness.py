@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import sys
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,6 +149,52 @@ class MisturaLM(TemplateLM):
         new = min(int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), self.context // 2)
         temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
         return Sampling(max_new_tokens=new, temperature=temperature, top_k=None, stop=tuple(s for s in until if s))
+
+
+def evaluate_tasks(
+    checkpoint: str | Path,
+    tasks: list[str],
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    include_path: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """lm_eval's simple_evaluate of `tasks` on the checkpoint, mistura's own tasks included: the checkpoint, the
+    tasks, and lm_eval's results, versions, n-shot, higher_is_better and n-samples (what make_table reads)."""
+    from lm_eval import simple_evaluate
+
+    from mistura.checkpoint import resolve
+
+    resolve(checkpoint)  # a missing checkpoint is an error before the harness starts
+    manager = task_manager(tasks, include_path)
+    results = simple_evaluate(
+        model="mistura",
+        model_args={"pretrained": str(checkpoint)} | ({"dtype": dtype} if dtype else {}),
+        batch_size=batch_size,
+        device=str(device),
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        verbosity="ERROR",
+    )
+    kept = ("results", "versions", "n-shot", "higher_is_better", "n-samples")
+    return {"checkpoint": str(checkpoint), "tasks": tasks, **{key: results[key] for key in kept if key in results}}
+
+
+def task_manager(tasks: list[str], include_path: str | None = None):
+    """lm_eval's TaskManager over its tasks, mistura's own and `include_path`'s; ConfigError names unknown tasks."""
+    from lm_eval.tasks import TaskManager
+
+    from mistura.eval.tasks import TASKS_DIR
+
+    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([str(include_path)] if include_path else []))
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"unknown lm-evaluation-harness task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")
+    return manager
 
 
 def main() -> None:

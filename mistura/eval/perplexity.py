@@ -130,6 +130,27 @@ def evaluate_text(
     return TextScore(tokens, nll, text_bytes, words, len(texts))
 
 
+def score_checkpoint(
+    checkpoint: str | Path,
+    path: str | Path,
+    ctx: int | None = None,
+    stride: int | None = None,
+    device=None,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict:
+    """`mistura eval CKPT --text PATH` as a dict: the window (ctx: the model's context, stride: half of it) and
+    every figure of TextScore.summary."""
+    from mistura.loading import load, load_tokenizer
+
+    texts = read_texts(path)
+    model = load(checkpoint, device, dtype)
+    ctx = ctx or model.config.max_seq_len
+    stride = stride or max(1, ctx // 2)
+    score = evaluate_text(model, load_tokenizer(checkpoint), texts, ctx, stride, progress)
+    return {"checkpoint": str(checkpoint), "text": str(path), "ctx": ctx, "stride": stride} | score.summary()
+
+
 def spans_nll(
     model: Transformer, spans: list[tuple[list[int], int, int, int]], ctx: int, done: Callable[[int], object]
 ) -> float:

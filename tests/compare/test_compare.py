@@ -9,9 +9,10 @@ from PIL import Image
 
 import mistura
 from mistura.cli import main
+from mistura.compare import runner
 from mistura.compare.runner import compare, overall_line
 from mistura.compare.suite import load_suite
-from mistura.errors import ConfigError
+from mistura.errors import ConfigError, DataError
 
 SUITE = """
 name: tiny
@@ -160,6 +161,57 @@ def test_a_changed_configuration_is_refused(compared):
     suite, out = compared
     with pytest.raises(ConfigError, match="run 'dense' .* was made with another configuration"):
         compare(load_suite([suite], {"train": {"lr": 0.02}}), out, progress=False, log=lambda *a: None)
+
+
+def test_an_eval_block_scores_every_run_without_training_again(compared, tmp_path, monkeypatch, capsys):
+    suite, out = compared
+    text = tmp_path / "texto.txt"
+    text.write_text("Capitu olhou para mim.\nEra uma vez um amor que ninguém contou.\n" * 3, encoding="utf-8")
+    copy = tmp_path / "results"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(runner, "train_in_subprocess", lambda *a: pytest.fail("a finished run was trained again"))
+    lines = []
+    compare(load_suite([suite], {"eval": {"text": str(text), "ctx": 16}}), copy, progress=False, log=lines.append)
+    scores = {name: json.loads((copy / "evals" / f"{name}_eval.json").read_text()) for name in ("dense", "moe")}
+    by_hand = ["eval", str(copy / "runs" / "moe"), "--text", str(text), "--ctx", "16", "--output", str(tmp_path / "e")]
+    assert main(by_hand) == 0
+    by_hand = json.loads((tmp_path / "e").read_text())
+    assert scores["moe"]["text"]["bits_per_byte"] == pytest.approx(by_hand["bits_per_byte"], rel=1e-6)
+    assert scores["moe"]["text"]["stride"] == 8 and scores["dense"]["tasks"] == {}
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "### Evaluation" in report and "| run | val ppl | text ppl | text bits/byte |" in report
+    assert f"| moe | {metrics(copy, 'moe')['val_ppl']:.1f} | {by_hand['perplexity']:.1f} |" in report
+    lines.clear()
+    compare(load_suite([suite], {"eval": {"text": str(text), "ctx": 16}}), copy, progress=False, log=lines.append)
+    assert sum("scored earlier, reused" in line for line in lines) == 2
+    assert "### Evaluation" not in (out / "report.md").read_text(encoding="utf-8")  # no eval block, no table
+
+
+def test_an_eval_block_runs_lm_evaluation_harness_tasks(compared, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval", reason="eval.tasks need the eval extra: pip install -e '.[eval]'")
+    suite, out = compared
+    copy = tmp_path / "results"
+    shutil.copytree(out, copy)
+    monkeypatch.setattr(runner, "train_in_subprocess", lambda *a: pytest.fail("a finished run was trained again"))
+    evaluation = {"eval": {"tasks": ["machado_cloze"], "limit": 8, "batch_size": 4}}
+    compare(load_suite([suite], evaluation), copy, progress=False, log=lambda *a: None)
+    report = (copy / "report.md").read_text(encoding="utf-8")
+    assert "| run | val ppl | machado_cloze acc | machado_cloze acc_norm |" in report
+    for name in ("dense", "moe"):
+        score = json.loads((copy / "evals" / f"{name}_eval.json").read_text())
+        cloze = score["tasks"]["machado_cloze"]
+        assert score["spec"]["limit"] == 8 and 0 <= cloze["acc,none"] <= 1 and cloze["acc,none"] * 8 % 1 == 0
+        assert f"| {cloze['acc,none']:.3f} ± {cloze['acc_stderr,none']:.3f} |" in report
+
+
+def test_a_bad_eval_block_is_refused_before_any_training(compared, tmp_path, monkeypatch):
+    suite, _ = compared
+    monkeypatch.setattr(runner, "train_in_subprocess", lambda *a: pytest.fail("trained before checking the eval"))
+    with pytest.raises(DataError, match="no such file or folder"):
+        compare(load_suite([suite], {"eval": {"text": str(tmp_path / "none.txt")}}), tmp_path / "a", log=print)
+    pytest.importorskip("lm_eval", reason="eval.tasks need the eval extra: pip install -e '.[eval]'")
+    with pytest.raises(ConfigError, match="unknown lm-evaluation-harness task.*: machado_clozet"):
+        compare(load_suite([suite], {"eval": {"tasks": ["machado_clozet"]}}), tmp_path / "b", log=print)
 
 
 def test_the_overall_line_estimates_the_time_left():

@@ -54,6 +54,10 @@ def test_suite_yaml_runs_are_named_after_their_preset_and_share_sections(tmp_pat
         ({"train": {"out_dir": "x"}}, "train.out_dir: compare places every run"),
         ({"seed": 1}, r"unknown suite key\(s\) \['seed'\]"),
         ({"generation": {"prompts": [""]}}, "generation.prompts: give at least one prompt"),
+        ({"eval": {}}, "eval: name tasks"),
+        ({"eval": {"taks": ["machado_cloze"]}}, "eval: unknown key 'taks' \\(did you mean 'tasks'\\?\\)"),
+        ({"eval": {"tasks": ["machado_cloze"], "limit": 0}}, "eval.limit: a number of examples"),
+        ({"eval": {"tasks": "machado_cloze"}}, "eval.tasks"),
         (
             {
                 "runs": [
