@@ -2,7 +2,8 @@
 
 For every family of `test_gguf.py`: the logits of the same token ids (f32 within 1e-3, f16
 within 2e-2), the same greedy continuation, and llama.cpp's tokenizer giving our ids for
-a Portuguese paragraph. Skipped unless `llama_cpp` imports.
+a Portuguese paragraph. Our q8_0 and q4_0 files: the bytes llama.cpp's own quantizer writes,
+and the logits of the weights they hold. Skipped unless `llama_cpp` imports.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import mistura
-from mistura.convert.gguf import to_gguf
+from mistura.convert.gguf import from_gguf, to_gguf
 from mistura.data.tokenizer import BOS_ID
 
 llama_cpp = pytest.importorskip(
@@ -30,6 +31,20 @@ _spec.loader.exec_module(cases)
 tokenizer_file = cases.tokenizer_file
 
 IDS = [BOS_ID, 17, 200, 3, 99, 42, 7, 150, 61, 250]
+
+
+@pytest.fixture
+def no_repacking(monkeypatch):
+    """llama.cpp's CPU "extra buffer types" off (`use_extra_bufts`: AMX and repacked copies of q8_0/q4_0 weights),
+    which crash llama.cpp 0.3.36 on this machine's AMX CPU when it runs q8_0/q4_0 (benchmarks/vs_llamacpp.py)."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_model_default_params", without_extra_buffers)
 
 
 def run_llama_cpp(path: Path, ids: list[int], new: int) -> tuple[np.ndarray, list[int]]:
@@ -90,3 +105,22 @@ def test_our_quantised_tensors_are_the_bytes_llama_cpp_quantises(kind, ftype, to
     for tensor in tensors:
         assert tensor.tensor_type == expected[tensor.name].tensor_type, tensor.name
         assert np.asarray(tensor.data).tobytes() == np.asarray(expected[tensor.name].data).tobytes(), tensor.name
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("family", sorted(cases.FAMILIES))
+def test_llama_cpp_computes_the_logits_of_our_quantised_weights(family, kind, tokenizer_file, tmp_path, no_repacking):
+    """llama.cpp on our q8_0/q4_0 file against mistura on the same file read back (its blocks dequantised to fp32).
+
+    For these types ggml also rounds each matmul's activations to 8-bit blocks, so logits differ by about 1 %
+    (measured: mean 0.005-0.008, at most 0.06, on logits of about 2.5); and an MoE router close to a tie can send
+    one position to another expert (qwen2-moe at q4_0: 0.42 at its last position), hence medians over the
+    positions. A misplaced or misread tensor moves every position by far more."""
+    ckpt = mistura.checkpoint.save_model(tmp_path / "ckpt", cases.build(family), tokenizer_file)
+    path = to_gguf(ckpt, tmp_path / "model.gguf", type=kind)
+    model = mistura.load(from_gguf(path, tmp_path / "back"))
+    with torch.no_grad():
+        ours = model(torch.tensor([IDS]))[0].numpy()
+    theirs, _ = run_llama_cpp(path, IDS, 0)
+    gap = np.abs(theirs - ours)  # (T, V)
+    assert np.median(gap.mean(-1)) <= 0.015 and np.median(gap.max(-1)) <= 0.08, gap.max(-1)  # medians over positions
