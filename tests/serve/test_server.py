@@ -320,6 +320,36 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequences(server, client):
     assert client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2).choices[0].finish_reason
 
 
+def test_a_client_that_leaves_is_aborted_within_a_few_steps(checkpoint, model, tokenizer, monkeypatch):
+    """A client leaves after two chunks of a 48-token answer that has no EOS, another before its whole answer came:
+    the engine drops each request within a few steps, not 48, and frees its blocks."""
+    prompt, max_tokens = PROMPTS[0], 48
+    assert offline(model, tokenizer, prompt, max_tokens)[1] == max_tokens  # left alone, it runs to max_tokens
+    app = app_from_checkpoint(checkpoint, model_name=MODEL)
+    step = app.state.runner.engine.step
+
+    def slow_step():
+        time.sleep(0.02)  # 48 tokens would take about a second
+        return step()
+
+    monkeypatch.setattr(app.state.runner.engine, "step", slow_step)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", timeout=TIMEOUT, max_retries=0)
+        stream = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        next(chunks), next(chunks)
+        stream.close()
+        wait_until(lambda: idle(url))
+        assert metrics(url)["mistura_generated_tokens_total"] <= 12
+        impatient = openai.OpenAI(base_url=f"{url}/v1", api_key="-", timeout=0.3, max_retries=0)
+        with pytest.raises(openai.APITimeoutError):  # not streamed: the server notices the closed connection
+            impatient.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        wait_until(lambda: idle(url))
+        assert metrics(url)["mistura_generated_tokens_total"] <= 12 + 30
+
+
 BAD = [
     ("completions", b"{not json", 400, None),
     ("completions", {"model": MODEL, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
