@@ -9,6 +9,7 @@ and the logits of the weights they hold. Skipped unless `llama_cpp` imports.
 from __future__ import annotations
 
 import importlib.util
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,9 @@ def test_llama_cpp_tokenizes_as_we_do(tokenizer_file, tmp_path):
     ours = mistura.load_tokenizer(ckpt).encode(cases.TEXT).ids
     assert llm.tokenize(cases.TEXT.encode("utf-8"), add_bos=True, special=False) == [BOS_ID, *ours]
     assert llm.detokenize(ours).decode("utf-8") == cases.TEXT
+    decomposed = unicodedata.normalize("NFD", cases.TEXT)  # we normalise to NFC first; llama.cpp does not (README)
+    assert mistura.load_tokenizer(ckpt).encode(decomposed).ids == ours
+    assert llm.tokenize(decomposed.encode("utf-8"), add_bos=True, special=False) != [BOS_ID, *ours]
 
 
 @pytest.mark.parametrize(("kind", "ftype"), [("q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"), ("q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0")])
