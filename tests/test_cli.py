@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -176,3 +177,22 @@ def test_train_with_a_teacher_distils(trained, prepared, tmp_path):
 def test_teacher_continuations_need_a_teacher(trained, capsys):
     assert main(["train", "missing.yaml", "--teacher-continuations", "8"]) == 2
     assert "--teacher-continuations needs --teacher" in capsys.readouterr().err
+
+
+def test_compiled_generation_and_chat_give_the_eager_text(trained, capsys, monkeypatch):
+    """--compile traces the model with dynamic shapes (each prompt, batch and cache length through one graph); the
+    graph runs on dynamo's eager backend here, as inductor would compile for a minute."""
+    traced, compile = [], torch.compile
+
+    def compile_eagerly(model, **options):
+        traced.append(options)
+        return compile(model, backend="eager", **options)
+
+    greedy = ["generate", str(trained), "--prompt", "Capitu", "--max-new-tokens", "10", "--temperature", "0"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr().out
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    assert main([*greedy, "--compile"]) == 0 and capsys.readouterr().out == plain
+    monkeypatch.setattr("sys.stdin", io.StringIO("Capitu\n/sair\n"))
+    assert main(["chat", str(trained), "--temperature", "0", "--max-new-tokens", "6", "--compile"]) == 0
+    assert traced == [{"dynamic": True}] * 2 and capsys.readouterr().out

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default: 8)")
     p.add_argument("--draft", metavar="CKPT", help="speculative decoding: a small model sharing the tokenizer drafts")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens the target checks per pass (default: 4)")
+    add_compile_option(p)
     add_sampling_options(p)
     add_timeout_option(p)
     p.set_defaults(func=cmd_generate)
@@ -41,8 +42,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="checkpoint or run directory")
     p.add_argument("--system", "--sistema", metavar="TEXT", help="system prompt, kept when old turns are dropped")
     add_sampling_options(p, temperature=0.7, max_new_tokens=64)
+    add_compile_option(p)
     add_timeout_option(p)
     p.set_defaults(func=cmd_chat)
+
+
+def add_compile_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model: a minute or so of compiling at the first prompt, then faster decoding "
+        "(1.2x to 2.7x at one prompt on a CPU; see BENCHMARKS.md); one process only",
+    )
+
+
+def loader(run: Run, args: argparse.Namespace):
+    """run.load, with the model compiled for decoding if --compile asks."""
+    if not args.compile:
+        return run.load
+    from mistura.errors import ConfigError
+    from mistura.infer.engine import compile_for_decoding
+    from mistura.parallel.distributed import world_size
+
+    if world_size() > 1:
+        raise ConfigError("--compile runs in one process: drop it under torchrun")
+    return lambda path: compile_for_decoding(run.load(path))
 
 
 def add_timeout_option(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +104,7 @@ def generate_prompt(run: Run, args: argparse.Namespace) -> None:
 
     prompt = run.share(read_prompt)
     sampling = sampling_from_args(args)
-    model = run.load(args.checkpoint)
+    model = loader(run, args)(args.checkpoint)
     tokenizer = mistura.load_tokenizer(args.checkpoint)
     print(prompt, end="", flush=True)
     if args.draft is not None:
@@ -106,7 +130,7 @@ def generate_prompts_file(run: Run, args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: the batch size must be >= 1, got {args.batch_size}")
     sampling = sampling_from_args(args)
-    model = run.load(args.checkpoint)
+    model = loader(run, args)(args.checkpoint)
     tokenizer = mistura.load_tokenizer(args.checkpoint)
     prompts = run.share(lambda: read_prompts(args.input_file))
     if not is_main():
@@ -141,5 +165,5 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from mistura.parallel.launch import processes
 
     with processes(args.timeout) as run:
-        chat = open_chat(args.checkpoint, sampling_from_args(args), system=args.system, loader=run.load)
+        chat = open_chat(args.checkpoint, sampling_from_args(args), system=args.system, loader=loader(run, args))
         repl(chat, run.shared(stdin_reader))

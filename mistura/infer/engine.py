@@ -68,6 +68,13 @@ def generate(
     return [row[:n] for row, n in zip(out.tolist(), lengths.tolist(), strict=True)]
 
 
+def compile_for_decoding(model: Transformer) -> Transformer:
+    """The model under torch.compile with dynamic shapes: one graph for every batch, prompt and cache length, which
+    still reads as the Transformer (config, new_cache, ...). Compiling takes a minute or so on a CPU, at the first
+    prompt; then greedy decoding at batch 1 ran 1.2x to 2.7x faster (BENCHMARKS.md, benchmarks/vs_llamacpp.py)."""
+    return torch.compile(model, dynamic=True)
+
+
 def check_prompts(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) -> list[list[int]]:
     """The prompts as lists of ids; no prompts, an empty prompt or an id outside the vocabulary is a DataError."""
     rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(p) for p in prompts]
