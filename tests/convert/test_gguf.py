@@ -49,10 +49,14 @@ FAMILIES = {
         dict(mla=dict(MLA, q_lora_rank=16), moe=dict(DEEPSEEK_MOE, scoring="sigmoid", norm_topk=True)),
         "deepseek2",
     ),
-    # DeepSeek-V2-Lite's queries (no bottleneck); unnormalised, unscaled weights of every group.
+    # DeepSeek-V2-Lite's queries (no bottleneck) and YaRN; unnormalised, unscaled weights of every group.
     "deepseek-lite": (
         "dragao-tiny",
-        dict(mla=MLA, moe=dict(DEEPSEEK_MOE, scoring="sigmoid", n_groups=1, topk_groups=1, route_scale=1.0)),
+        dict(
+            mla=MLA,
+            moe=dict(DEEPSEEK_MOE, scoring="sigmoid", n_groups=1, topk_groups=1, route_scale=1.0),
+            yarn=dict(factor=40.0, original_max_seq_len=4096, mscale=0.707, mscale_all_dim=0.707),
+        ),
         "deepseek2",
     ),
     "deepseek-dense": ("dragao-tiny", dict(mla=MLA, moe=None), "deepseek2"),
@@ -237,6 +241,10 @@ def expected_keys(config: ModelConfig, arch: str) -> dict:
         keys["feed_forward_length"] = 32
     if arch == "deepseek2":
         keys |= deepseek2_keys(config)
+    if config.yarn is not None:  # as llama.cpp's converter writes DeepSeek's: 0.1 x mscale_all_dim
+        keys |= {"rope.scaling.type": "yarn", "rope.scaling.factor": pytest.approx(config.yarn.factor)}
+        keys |= {"rope.scaling.original_context_length": 4096}
+        keys |= {"rope.scaling.yarn_log_multiplier": pytest.approx(0.0707)}
     return keys
 
 
@@ -370,7 +378,10 @@ def test_chat_template_travels(tmp_path, tokenizer_file):
         ("mixtral", dict(moe=dict(EXPERTS, norm_topk=False)), "norm_topk"),
         ("qwen3-moe", dict(moe=dict(EXPERTS, norm_topk=False)), "qwen3moe renormalises"),
         ("qwen2-moe", dict(layer_mlp=("dense", "moe")), "experts in every layer"),
-        ("deepseek", dict(yarn=dict(factor=4.0, original_max_seq_len=8)), "YaRN"),
+        ("deepseek", dict(yarn=dict(factor=4.0)), "mscale == mscale_all_dim > 0"),
+        ("deepseek", dict(yarn=dict(factor=4.0, mscale=1.0, mscale_all_dim=0.5)), "mscale == mscale_all_dim"),
+        ("deepseek", dict(yarn=dict(factor=4.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=16.0)), "beta_fast 32"),
+        ("llama", dict(yarn=dict(factor=4.0)), "yarn"),
         ("deepseek", dict(moe=dict(DEEPSEEK_MOE, scoring="sigmoid", d_shared=0)), "always runs shared experts"),
         ("deepseek", dict(moe=dict(DEEPSEEK_MOE, scoring="softmax")), "scoring"),
     ],

@@ -73,6 +73,7 @@ def arch_for(config: ModelConfig) -> Arch:
         raise ConfigError(f"cannot export to GGUF: {err}") from err
     arch = ARCHS[_ARCH_OF_MODEL_TYPE[model_type]]
     arch.check(config)
+    check_yarn(config, arch.name)
     return arch
 
 
@@ -86,13 +87,28 @@ def rotary_rows(config: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
     return arch.rows(config) if arch.rows is not None else {}
 
 
+def check_yarn(config: ModelConfig, arch: str) -> None:
+    """The YaRN llama.cpp computes (of the Hugging Face types, only deepseek_v3 has YaRN): the ramp between beta_fast
+    32 and beta_slow 1 turns, rounded out to whole pairs, and in deepseek2 the softmax scaled by
+    mscale(factor, mscale_all_dim)^2 with cos/sin left as they are, that is mscale == mscale_all_dim."""
+    yarn = config.yarn
+    if yarn is None:
+        return
+    fixed = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "attention_factor": None}
+    for name, value in fixed.items():
+        if getattr(yarn, name) != value:
+            raise ConfigError(
+                f"llama.cpp computes YaRN with {name} {value}; this model has model.yarn.{name} {getattr(yarn, name)}"
+            )
+    if not (yarn.mscale_all_dim and yarn.mscale == yarn.mscale_all_dim):
+        raise ConfigError(
+            f"llama.cpp's {arch} computes YaRN with mscale == mscale_all_dim > 0; this model has model.yarn."
+            f"mscale {yarn.mscale} and mscale_all_dim {yarn.mscale_all_dim}"
+        )
+
+
 def _check_deepseek2(config: ModelConfig) -> None:
     """What Hugging Face's deepseek_v3 expresses and llama.cpp's deepseek2 does not compute."""
-    if config.yarn is not None:
-        raise ConfigError(
-            "GGUF export of YaRN-extended RoPE (model.yarn) to llama.cpp's deepseek2 is not supported: "
-            "its YaRN temperature and ramp are not checked against mistura's"
-        )
     if config.moe is not None and not config.moe.d_shared:
         raise ConfigError("llama.cpp's deepseek2 always runs shared experts; this model has moe.d_shared 0")
 

@@ -27,7 +27,7 @@ from mistura.convert.gguf.layout import joined_shapes, joined_tensor
 from mistura.convert.gguf.metadata import Metadata
 from mistura.convert.gguf.tokenizer import read_tokenizer
 from mistura.convert.hf import new_folder
-from mistura.errors import CheckpointError, ConfigError
+from mistura.errors import CheckpointError
 from mistura.model import Transformer
 
 
@@ -81,7 +81,4 @@ def gguf_config(fields: dict[str, Any], tensors: set[str], arch: str) -> ModelCo
     """The `ModelConfig` of a GGUF file's metadata (its {arch}.* keys without the prefix) and tensor names."""
     meta = Metadata(fields, arch)
     embeddings = meta.get(gguf.Keys.LLM.VOCAB_SIZE) or len(meta.get(gguf.Keys.Tokenizer.LIST, []))
-    scaling = meta.get(gguf.Keys.Rope.SCALING_TYPE, "none")
-    if scaling != "none":
-        raise ConfigError(f"GGUF RoPE scaling {scaling!r} is not supported (only plain RoPE)")
     return ModelConfig.from_dict(dict(find_arch(arch).config(meta, tensors), vocab_size=embeddings))

@@ -55,6 +55,8 @@ def write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: str) -> N
     if config.position == "rope":
         writer.add_rope_freq_base(config.rope_theta)
         writer.add_rope_dimension_count(config.head_dim)  # with latent attention, qk_rope_head_dim
+    if config.yarn is not None:
+        _write_yarn(writer, config)
     if moe is not None:
         writer.add_expert_count(moe.n_experts)
         writer.add_expert_used_count(moe.top_k)
@@ -63,6 +65,39 @@ def write_metadata(writer: gguf.GGUFWriter, config: ModelConfig, arch: str) -> N
             writer.add_expert_shared_feed_forward_length(moe.d_shared)
     if arch == "deepseek2":
         _write_deepseek_moe(writer, config)
+
+
+def _write_yarn(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    """YaRN as llama.cpp reads it (archs.check_yarn refuses what it would compute otherwise). Its deepseek2 reads
+    yarn_log_multiplier as 0.1 x mscale_all_dim, the convention of llama.cpp's own converter."""
+    yarn = config.yarn
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(yarn.factor)
+    writer.add_rope_scaling_orig_ctx_len(yarn.original_max_seq_len)
+    if yarn.mscale_all_dim:
+        writer.add_rope_scaling_yarn_log_mul(0.1 * yarn.mscale_all_dim)
+
+
+def yarn_fields(meta: Metadata, arch: str) -> dict[str, Any] | None:
+    """model.yarn from the rope.scaling.* keys, as llama.cpp computes them: None without scaling; a ConfigError
+    for scaling other than YaRN, and for YaRN that mistura computes otherwise (archs.check_yarn's cases)."""
+    kind = meta.get(K.Rope.SCALING_TYPE, "none")
+    if kind == "none":
+        return None
+    if kind != "yarn":
+        raise ConfigError(f"rope.scaling.type {kind!r} is not supported (YaRN only)")
+    mscale_all_dim = round(meta.get(K.Rope.SCALING_YARN_LOG_MUL, 0.0) / 0.1, 6)
+    if bool(mscale_all_dim) != (arch == "deepseek2"):
+        raise ConfigError(
+            f"YaRN in llama.cpp's {arch} {'without' if arch == 'deepseek2' else 'with'} "
+            "rope.scaling.yarn_log_multiplier is not supported"
+        )
+    return dict(
+        factor=meta[K.Rope.SCALING_FACTOR],
+        original_max_seq_len=meta[K.Rope.SCALING_ORIG_CTX_LEN],
+        mscale=mscale_all_dim or 1.0,
+        mscale_all_dim=mscale_all_dim,
+    )
 
 
 def _write_mla(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
@@ -125,6 +160,7 @@ def llama_fields(meta: Metadata, tensors: set[str]) -> dict[str, Any]:
         bias=block in tensors,
         qkv_bias=tensor_name(T.ATTN_Q, "bias").format(i=0) in tensors,
         qk_norm=tensor_name(T.ATTN_Q_NORM).format(i=0) in tensors,
+        yarn=yarn_fields(meta, meta.arch),
     )
     if meta.get(K.LLM.EXPERT_COUNT):
         fields["moe"] = dict(n_experts=meta[K.LLM.EXPERT_COUNT], top_k=meta[K.LLM.EXPERT_USED_COUNT])
@@ -161,6 +197,7 @@ def deepseek2_fields(meta: Metadata, tensors: set[str]) -> dict[str, Any]:
         d_ff=meta[K.LLM.FEED_FORWARD_LENGTH],
         norm_eps=meta[K.Attention.LAYERNORM_RMS_EPS],
         rope_theta=meta.get(K.Rope.FREQ_BASE, 10000.0),
+        yarn=yarn_fields(meta, "deepseek2"),
         mla=dict(
             q_lora_rank=meta[K.Attention.Q_LORA_RANK] or None,
             kv_lora_rank=meta[K.Attention.KV_LORA_RANK],
