@@ -18,6 +18,7 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
 from mistura.checkpoint import resolve
 from mistura.data.tokenizer import BOS, EOS
@@ -72,6 +73,17 @@ class ChatTemplate:
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
             )
+
+    def encode(self, tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The ids of the rendered conversation: its special tokens come from the template's text, none added."""
+        return tokenizer.encode(self.render(messages, add_generation_prompt), add_special_tokens=False).ids
+
+    def eos_id(self, tokenizer: Tokenizer) -> int:
+        """The id of eos_token, which ends a reply; a CheckpointError if the tokenizer lacks it."""
+        eos_id = tokenizer.token_to_id(self.eos_token)
+        if eos_id is None:
+            raise CheckpointError(f"{self.where}: eos_token {self.eos_token!r} is not in the tokenizer")
+        return eos_id
 
     @contextmanager
     def _errors(self) -> Iterator[None]:

@@ -155,18 +155,18 @@ def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def parse_size(size: int | str) -> int:
-    """Bytes from a count or a size such as "5GB" (5 * 10^9 bytes), "500MB" or "2GiB"."""
+def parse_size(size: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from a count or a size such as "5GB" (5 * 10^9 bytes), "500MB" or "2GiB"; errors name `what`."""
     if isinstance(size, int):
         value = size
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", size)
         unit = match.group(2).upper() if match else None
         if unit not in _SIZE_UNITS:
-            raise ConfigError(f"max_shard_size: expected a size such as 5GB, 500MB or 2GiB, got {size!r}")
+            raise ConfigError(f"{what}: expected a size such as 5GB, 500MB or 2GiB, got {size!r}")
         value = int(float(match.group(1)) * _SIZE_UNITS[unit])
     if value < 1:
-        raise ConfigError(f"max_shard_size: must be at least one byte, got {size!r}")
+        raise ConfigError(f"{what}: must be at least one byte, got {size!r}")
     return value
 
 

@@ -67,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from mistura.serve.app import app_from_checkpoint
+    from mistura.shards import parse_size
 
     if args.max_queue < 1:
         raise ConfigError(f"--max-queue must be >= 1, got {args.max_queue}")
@@ -74,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_seqs=args.max_seqs,
         block_size=args.block_size,
         n_blocks=args.kv_blocks,
-        kv_bytes=kv_bytes(args.kv_bytes),
+        kv_bytes=None if args.kv_bytes is None else parse_size(args.kv_bytes, "--kv-bytes"),
         max_batched_tokens=args.max_batched_tokens,
         prefix_caching=not args.no_prefix_caching,
         static_batching=args.scheduling == "static",
@@ -112,15 +113,3 @@ def listen(host: str, port: int):
         return socket.create_server((host, port), family=family)
     except (OSError, OverflowError) as err:
         raise ConfigError(f"cannot listen on {host}:{port}: {err}") from err
-
-
-def kv_bytes(size: str | None) -> int | None:
-    from mistura.errors import ConfigError
-    from mistura.shards import parse_size
-
-    if size is None:
-        return None
-    try:
-        return parse_size(size)
-    except ConfigError:
-        raise ConfigError(f"--kv-bytes: expected a size such as 2GB, 512MB or 1GiB, got {size!r}") from None

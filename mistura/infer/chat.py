@@ -26,7 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from mistura.chat_template import ChatTemplate, Message, load_chat_template
-from mistura.errors import CheckpointError, ConfigError, DataError, MisturaError
+from mistura.errors import ConfigError, DataError, MisturaError
 from mistura.infer.generate import generate_text, not_utf8
 from mistura.infer.sampling import Sampling
 from mistura.loading import load, load_tokenizer
@@ -69,9 +69,7 @@ class Chat:
             )
         if system and not_utf8(system):
             raise ConfigError(f"the system prompt is not valid UTF-8 text ({not_utf8(system)})")
-        eos_id = tokenizer.token_to_id(template.eos_token)
-        if eos_id is None:
-            raise CheckpointError(f"{template.where}: eos_token {template.eos_token!r} is not in the tokenizer")
+        eos_id = template.eos_id(tokenizer)
         self.tokenizer, self.template, self.generate, self.context = tokenizer, template, generate, context
         self.sampling = replace(sampling, stop=(*sampling.stop, *template.stop))
         self.eos_id, self.notice = eos_id, notice
@@ -127,8 +125,7 @@ class Chat:
 
     def encode(self, turns: list[Message]) -> list[int]:
         """The ids of the formatted conversation; its special tokens come from the template's text, none added."""
-        text = self.template.render([*self.system, *turns])
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.template.encode(self.tokenizer, [*self.system, *turns])
 
     def clear(self) -> None:
         self.messages = []

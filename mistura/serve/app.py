@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from mistura.chat_template import ChatTemplate, load_chat_template
-from mistura.errors import CheckpointError, MisturaError
+from mistura.errors import MisturaError
 from mistura.infer.engine import check_prompts
 from mistura.infer.generate import TextStream, encode_prompt, not_utf8
 from mistura.infer.sampling import Sampling
@@ -96,10 +96,7 @@ def create_app(
     The engine runs from the app's startup to its shutdown (its lifespan); `app.state.runner` is its Runner,
     `app.state.model_name` the model's name in the API.
     """
-    eos_id = tokenizer.token_to_id(chat_template.eos_token)
-    if eos_id is None:
-        raise CheckpointError(f"{chat_template.where}: eos_token {chat_template.eos_token!r} is not in the tokenizer")
-    runner = Runner(Engine(model, eos_id, **engine_options), max_queue)
+    runner = Runner(Engine(model, chat_template.eos_id(tokenizer), **engine_options), max_queue)
     metrics = Metrics(runner)
     api = Api(model_name, tokenizer, chat_template, model.config.max_seq_len, runner, metrics)
 
@@ -172,7 +169,7 @@ class Api:
             problem = not_utf8(turn["content"])
             if problem:
                 raise APIError(400, f"messages[{number}] is not valid UTF-8 text ({problem})", param="messages")
-        return self.tokenizer.encode(self.template.render(turns), add_special_tokens=False).ids
+        return self.template.encode(self.tokenizer, turns)
 
     def sampling(
         self,

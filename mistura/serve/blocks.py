@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
 import numpy as np
-
-from mistura.errors import ConfigError
 
 
 class OutOfBlocks(Exception):
@@ -69,7 +68,7 @@ class BlockManager:
         for block in reversed(blocks):  # a table's last blocks, the least shared, are evicted first
             self.refs[block] -= 1
             if self.refs[block] < 0:
-                raise ConfigError(f"KV block {block} released more often than held")
+                raise RuntimeError(f"KV block {block} released more often than held: a bug in the engine")
             if self.refs[block] == 0:
                 if block in self.name_of:
                     self.evictable[block] = None
@@ -111,13 +110,10 @@ class BlockManager:
                 self.named[name], self.name_of[block] = block, name
             names.append(name)
 
-    def names(self, tokens: list[int], previous: bytes = b"") -> list[bytes]:
+    def names(self, tokens: list[int], previous: bytes = b"") -> Iterator[bytes]:
         """The name of each full block of `tokens`, which follow the block named `previous` (b"": the start):
-        the digest of its tokens and of the previous block's name."""
+        the digest of its tokens and of the previous block's name; computed as they are asked for."""
         P = self.block_size
-        ids = np.asarray(tokens[: len(tokens) // P * P], dtype=np.int64).reshape(-1, P)
-        names = []
-        for row in ids:
+        for row in np.asarray(tokens[: len(tokens) // P * P], dtype=np.int64).reshape(-1, P):
             previous = hashlib.sha256(previous + row.tobytes()).digest()
-            names.append(previous)
-        return names
+            yield previous

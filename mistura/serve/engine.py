@@ -79,7 +79,6 @@ class EngineStats:
     running: int
     blocks_total: int
     blocks_used: int
-    block_size: int
     cached_tokens: int  # positions the used blocks hold (a shared block counted once)
     preemptions: int
     prefix_hit_tokens: int
@@ -91,7 +90,6 @@ class Sequence:
     request_id: str
     index: int
     tokens: list[int]  # prompt, then output
-    prompt_len: int
     limit: int  # length at which it ends: prompt + max_new_tokens, or the model's context
     request: Request
     generator: torch.Generator
@@ -152,9 +150,7 @@ class Engine:
                 f"a prompt of {len(prompt)} tokens and {steps} new ones need {blocks} KV blocks; "
                 f"the pool has {self.blocks.n_blocks}"
             )
-        seq = Sequence(
-            request_id, 0, prompt, len(prompt), len(prompt) + steps, request, self._generator(request, 0), request.n - 1
-        )
+        seq = Sequence(request_id, 0, prompt, len(prompt) + steps, request, self._generator(request, 0), request.n - 1)
         self.requests[request_id] = [seq]
         self.waiting.append(seq)
 
@@ -172,18 +168,19 @@ class Engine:
         return bool(self.waiting or self.running)
 
     def stats(self) -> EngineStats:
+        """Counts of the moment; only running sequences hold blocks, each full but for those past `computed`."""
         P = self.blocks.block_size
-        filled: dict[int, int] = {}
+        unfilled: dict[int, int] = {}  # a block past some sequence's computed tokens -> positions left empty
         for seq in self.running:
-            for i, block in enumerate(seq.table):
-                filled[block] = max(filled.get(block, 0), min(P, max(0, seq.computed - i * P)))
+            full = seq.computed // P
+            for i, block in enumerate(seq.table[full:], full):
+                unfilled[block] = min(unfilled.get(block, P), P - max(0, seq.computed - i * P))
         return EngineStats(
             len(self.waiting),
             len(self.running),
             self.blocks.n_blocks,
             self.blocks.used,
-            P,
-            sum(filled.values()),
+            self.blocks.used * P - sum(unfilled.values()),
             self.preemptions,
             self.prefix_hit_tokens,
             self.generated_tokens,

@@ -90,7 +90,6 @@ class Encoder:
     def tokens(self, messages: list[Message], add_generation_prompt: bool, where: str) -> list[int]:
         """The ids of the rendered messages; the special tokens come from the template's text, none added."""
         try:
-            text = self.template.render(messages, add_generation_prompt=add_generation_prompt)
+            return self.template.encode(self.tokenizer, messages, add_generation_prompt)
         except CheckpointError as err:
             raise DataError(f"{where}: the chat template cannot format this conversation: {err}") from err
-        return self.tokenizer.encode(text, add_special_tokens=False).ids

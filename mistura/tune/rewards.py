@@ -277,8 +277,7 @@ class CriticReward(Reward):
 
     def encode(self, prompt: str, completion: str) -> list[int]:
         question = CRITIC_QUESTION.format(prompt=prompt, completion=completion)
-        text = self.template.render([{"role": "user", "content": question}], add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.template.encode(self.tokenizer, [{"role": "user", "content": question}])
         return ids[-self.model.config.max_seq_len :]
 
     @torch.no_grad()
