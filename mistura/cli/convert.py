@@ -108,7 +108,7 @@ def add_gguf_conversions(kinds: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_convert_to_gguf)
 
     c = kinds.add_parser(
-        "from-gguf", help="a GGUF file (llama, qwen2, qwen2moe, qwen3moe, gpt2) to a mistura checkpoint"
+        "from-gguf", help="a GGUF file (llama, qwen2, qwen2moe, qwen3moe, gpt2, deepseek2) to a mistura checkpoint"
     )
     add_folders(c, gguf_file="GGUF file", out_dir="new checkpoint directory")
     c.set_defaults(func=cmd_convert_from_gguf)

@@ -193,10 +193,7 @@ def to_hf(
     written = hf_config(config, model_type)
     mapped = tensor_map(model_type, config, written)
     with WeightFiles(directory) as files:
-        check_shapes(files.shapes, mapped.shapes, str(directory))
-        for name in mapped.unfed:
-            if files.read(name).count_nonzero():
-                raise ConfigError(f"{name} is not zero, and Hugging Face's {model_type} has no tensor to hold it")
+        check_export_source(files, mapped, directory, f"Hugging Face's {model_type}")
         sizes = {
             name: tensor_bytes(mapped.hf_shape(name), files.dtype(mapped.rules[name].targets[0]))
             for name in mapped.hf_names()
@@ -207,6 +204,14 @@ def to_hf(
             (tmp / "config.json").write_text(json.dumps(written, indent=2), encoding="utf-8")
             write_weights(tmp, sizes, lambda name: mapped.theirs(name, files.read), limit, {"format": "pt"}, progress)
     return out
+
+
+def check_export_source(files: WeightFiles, mapped: TensorMap, directory: Path, target: str) -> None:
+    """A checkpoint's tensors are those the map expects, and no buffer that `target` has no tensor for is set."""
+    check_shapes(files.shapes, mapped.shapes, str(directory))
+    for name in mapped.unfed:
+        if files.read(name).count_nonzero():
+            raise ConfigError(f"{name} is not zero, and {target} has no tensor to hold it")
 
 
 def load_hf_folder(path: str | Path) -> tuple[ModelConfig, Tensors]:

@@ -39,10 +39,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, show_progress: boo
             f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), "
             f"got {vocab_size}"
         )
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = byte_level(models.BPE())
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
@@ -50,6 +47,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, show_progress: boo
         show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def byte_level(model: models.Model) -> Tokenizer:
+    """A tokenizer of `model` as mistura's are: text normalised to NFC, then GPT-2's byte-level pre-tokenizer
+    (its regex, no prefix space) and decoder."""
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 

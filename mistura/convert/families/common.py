@@ -15,10 +15,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mistura.config import ModelConfig
 from mistura.convert.mapping import Names
 from mistura.errors import ConfigError
 from mistura.model.rope import yarn_mscale
+
+
+def interleaved_rows(heads: int, plain: int, rotary: int) -> torch.Tensor:
+    """Rows of `heads` heads of `plain` channels without position then `rotary` rotary ones, in mistura's order
+    from a layout that rotates pairs (2i, 2i + 1): each head's unrotated rows, then its even rotary rows, then
+    its odd ones (mistura pairs (i, i + rotary/2))."""
+    pairs = torch.cat((torch.arange(0, rotary, 2), torch.arange(1, rotary, 2)))  # (rotary,)
+    head = torch.cat((torch.arange(plain), plain + pairs))  # (plain + rotary,)
+    return (torch.arange(heads)[:, None] * (plain + rotary) + head).flatten()  # (heads * (plain + rotary),)
 
 
 def _within(hf_prefix: str, prefix: str, names: dict[str, str]) -> dict[str, str]:

@@ -26,6 +26,7 @@ from mistura.convert.families.common import (
     _rope_fields,
     _rope_hf,
     _within,
+    interleaved_rows,
 )
 from mistura.convert.families.registry import HFModelType, register
 from mistura.convert.mapping import Names
@@ -130,11 +131,8 @@ def _deepseek_v3_rows(hf: dict[str, Any], config: ModelConfig) -> dict[str, torc
     if not hf.get("rope_interleave", _DEEPSEEK_V3_DEFAULTS["rope_interleave"]):
         return {}
     mla = config.mla
-    dr = mla.qk_rope_head_dim
-    pairs = torch.cat((torch.arange(0, dr, 2), torch.arange(1, dr, 2)))  # (D_rope,)
-    head = torch.cat((torch.arange(mla.qk_nope_head_dim), mla.qk_nope_head_dim + pairs))  # (D_nope + D_rope,)
-    query = (torch.arange(config.n_head)[:, None] * mla.qk_head_dim + head).flatten()  # (H * (D_nope + D_rope),)
-    latent = torch.cat((torch.arange(mla.kv_lora_rank), mla.kv_lora_rank + pairs))  # (r + D_rope,)
+    query = interleaved_rows(config.n_head, mla.qk_nope_head_dim, mla.qk_rope_head_dim)  # (H * (D_nope + D_rope),)
+    latent = interleaved_rows(1, mla.kv_lora_rank, mla.qk_rope_head_dim)  # (r + D_rope,)
     q_proj = "q_proj" if mla.q_lora_rank is None else "q_b_proj"
     return {
         f"model.layers.{{i}}.self_attn.{q_proj}.weight": query,

@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 
 from mistura.atomic import atomic_write
 from mistura.chat_template import load_chat_template
-from mistura.checkpoint import check_shapes, read_config, resolve, verify
+from mistura.checkpoint import read_config, resolve, verify
 from mistura.config import ModelConfig
 from mistura.convert.gguf.archs import Arch, arch_for, rotary_rows
 from mistura.convert.gguf.layout import stored_tensors
 from mistura.convert.gguf.metadata import write_metadata
+from mistura.convert.gguf.names import T, tensor_name
 from mistura.convert.gguf.tokenizer import write_tokenizer
-from mistura.convert.hf import is_hugging_face
+from mistura.convert.hf import check_export_source, is_hugging_face
 from mistura.convert.mapping import TensorMap
 from mistura.errors import CheckpointError, ConfigError
 from mistura.model import Transformer
@@ -73,10 +74,7 @@ def to_gguf(checkpoint: str | Path, out: str | Path, *, type: str = "f16", progr
     if not tokenizer.is_file():
         raise CheckpointError(f"{directory} has no tokenizer.json: a GGUF file must carry the model's tokenizer")
     with WeightFiles(directory) as files:
-        check_shapes(files.shapes, mapped.shapes, str(directory))
-        for name in mapped.unfed:
-            if files.read(name).count_nonzero():
-                raise ConfigError(f"{name} is not zero, and llama.cpp's {arch.name} has no tensor to hold it")
+        check_export_source(files, mapped, directory, f"llama.cpp's {arch.name}")
         shapes = gguf_shapes(config, mapped)
         types = {name: _tensor_type(name, shape, qtype) for name, shape in shapes.items()}
         # GGUFWriter opens files by path: it writes the temporary file that atomic_write renames at the end.
@@ -98,7 +96,7 @@ def gguf_map(config: ModelConfig, arch: Arch) -> TensorMap:
         model = Transformer(config)
     names = arch.names
     if arch.needs_output and config.tie_embeddings:
-        names = names | {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT] + ".weight": "tok_emb.weight"}
+        names = names | {tensor_name(T.OUTPUT): "tok_emb.weight"}
     return TensorMap.build(
         model,
         names,

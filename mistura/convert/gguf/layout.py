@@ -15,28 +15,21 @@ from collections.abc import Callable
 import torch
 
 from mistura.config import ModelConfig
+from mistura.convert.families.common import interleaved_rows
 from mistura.convert.gguf.names import K_B, KV_B, V_B, T, tensor_name
-
-
-def _interleaved(heads: int, plain: int, rotary: int) -> torch.Tensor:
-    """Rows of `heads` heads of `plain` channels without position then `rotary` rotary ones, in mistura's
-    order: each head's unrotated rows, then its even rotary rows, then its odd ones."""
-    pairs = torch.cat((torch.arange(0, rotary, 2), torch.arange(1, rotary, 2)))  # (rotary,)
-    head = torch.cat((torch.arange(plain), plain + pairs))  # (plain + rotary,)
-    return (torch.arange(heads)[:, None] * (plain + rotary) + head).flatten()  # (heads * (plain + rotary),)
 
 
 def llama_rows(config: ModelConfig) -> dict[str, torch.Tensor]:
     """Every query and key channel rotates."""
-    q, k = (_interleaved(heads, 0, config.head_dim) for heads in (config.n_head, config.n_kv_head))
+    q, k = (interleaved_rows(heads, 0, config.head_dim) for heads in (config.n_head, config.n_kv_head))
     return {tensor_name(t, kind): r for t, r in ((T.ATTN_Q, q), (T.ATTN_K, k)) for kind in ("weight", "bias")}
 
 
 def mla_rows(config: ModelConfig) -> dict[str, torch.Tensor]:
     """The last qk_rope_head_dim rows of each query head, and of kv_a_proj (after the latent) the shared key's."""
     mla = config.mla
-    query = _interleaved(config.n_head, mla.qk_nope_head_dim, mla.qk_rope_head_dim)
-    latent = _interleaved(1, mla.kv_lora_rank, mla.qk_rope_head_dim)
+    query = interleaved_rows(config.n_head, mla.qk_nope_head_dim, mla.qk_rope_head_dim)
+    latent = interleaved_rows(1, mla.kv_lora_rank, mla.qk_rope_head_dim)
     return {tensor_name(T.ATTN_Q): query, tensor_name(T.ATTN_Q_B): query, tensor_name(T.ATTN_KV_A_MQA): latent}
 
 

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import torch
 
-from mistura.checkpoint import checkpoint_directory, write_model
+from mistura.checkpoint import WEIGHTS_METADATA, checkpoint_directory, write_config
 from mistura.config import ModelConfig
 from mistura.convert.gguf.archs import find_arch
 from mistura.convert.gguf.export import gguf_map
@@ -28,7 +28,7 @@ from mistura.convert.gguf.metadata import Metadata
 from mistura.convert.gguf.tokenizer import read_tokenizer
 from mistura.convert.hf import new_folder
 from mistura.errors import CheckpointError
-from mistura.model import Transformer
+from mistura.shards import tensor_bytes, write_weights
 
 
 def from_gguf(path: str | Path, out_dir: str | Path) -> Path:
@@ -55,11 +55,10 @@ def from_gguf(path: str | Path, out_dir: str | Path) -> Path:
     def read(name: str, index: int | None) -> torch.Tensor:
         return joined_tensor(config, name, stored)
 
-    model = Transformer(config)
-    state = {name: mapped.ours(name, read) for name in mapped.shapes}
-    model.load_state_dict(state | {alias: state[owner] for alias, owner in mapped.tied.items()}, strict=True)
-    with checkpoint_directory(out) as tmp:
-        write_model(tmp, model)
+    sizes = {name: tensor_bytes(shape, torch.float32) for name, shape in mapped.shapes.items()}
+    with checkpoint_directory(out) as tmp:  # one tensor dequantised at a time, as from_hf streams
+        write_config(tmp, config)
+        write_weights(tmp, sizes, lambda name: mapped.ours(name, read), metadata=WEIGHTS_METADATA)
         tokenizer.save(str(tmp / "tokenizer.json"))
         template = fields.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
         if template:

@@ -78,7 +78,7 @@ def _write_yarn(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
         writer.add_rope_scaling_yarn_log_mul(0.1 * yarn.mscale_all_dim)
 
 
-def yarn_fields(meta: Metadata, arch: str) -> dict[str, Any] | None:
+def yarn_fields(meta: Metadata) -> dict[str, Any] | None:
     """model.yarn from the rope.scaling.* keys, as llama.cpp computes them: None without scaling; a ConfigError
     for scaling other than YaRN, and for YaRN that mistura computes otherwise (archs.check_yarn's cases)."""
     kind = meta.get(K.Rope.SCALING_TYPE, "none")
@@ -86,7 +86,7 @@ def yarn_fields(meta: Metadata, arch: str) -> dict[str, Any] | None:
         return None
     if kind != "yarn":
         raise ConfigError(f"rope.scaling.type {kind!r} is not supported (YaRN only)")
-    mscale_all_dim = round(meta.get(K.Rope.SCALING_YARN_LOG_MUL, 0.0) / 0.1, 6)
+    arch, mscale_all_dim = meta.arch, round(meta.get(K.Rope.SCALING_YARN_LOG_MUL, 0.0) / 0.1, 6)
     if bool(mscale_all_dim) != (arch == "deepseek2"):
         raise ConfigError(
             f"YaRN in llama.cpp's {arch} {'without' if arch == 'deepseek2' else 'with'} "
@@ -160,7 +160,7 @@ def llama_fields(meta: Metadata, tensors: set[str]) -> dict[str, Any]:
         bias=block in tensors,
         qkv_bias=tensor_name(T.ATTN_Q, "bias").format(i=0) in tensors,
         qk_norm=tensor_name(T.ATTN_Q_NORM).format(i=0) in tensors,
-        yarn=yarn_fields(meta, meta.arch),
+        yarn=yarn_fields(meta),
     )
     if meta.get(K.LLM.EXPERT_COUNT):
         fields["moe"] = dict(n_experts=meta[K.LLM.EXPERT_COUNT], top_k=meta[K.LLM.EXPERT_USED_COUNT])
@@ -197,7 +197,7 @@ def deepseek2_fields(meta: Metadata, tensors: set[str]) -> dict[str, Any]:
         d_ff=meta[K.LLM.FEED_FORWARD_LENGTH],
         norm_eps=meta[K.Attention.LAYERNORM_RMS_EPS],
         rope_theta=meta.get(K.Rope.FREQ_BASE, 10000.0),
-        yarn=yarn_fields(meta, "deepseek2"),
+        yarn=yarn_fields(meta),
         mla=dict(
             q_lora_rank=meta[K.Attention.Q_LORA_RANK] or None,
             kv_lora_rank=meta[K.Attention.KV_LORA_RANK],

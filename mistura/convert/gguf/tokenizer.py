@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models
 
 from mistura.convert.hf import SPECIAL_TOKENS, read_json
+from mistura.data.tokenizer import byte_level
 from mistura.errors import ConfigError
 
 PRE_TOKENIZER = "gpt-2"  # llama.cpp's name for the ByteLevel regex
@@ -37,24 +38,23 @@ def write_tokenizer(writer: gguf.GGUFWriter, path: Path, vocab_size: int) -> Non
     _check_byte_level(spec, path)
     special = {added["content"]: added["id"] for added in spec.get("added_tokens", []) if added.get("special")}
     tokens = spec["model"]["vocab"] | special
-    ids = sorted(tokens.values())
-    if ids != list(range(len(ids))):
-        raise ConfigError(f"{path}: token ids are not 0..{len(ids) - 1} without gaps, as GGUF's token list needs")
-    if len(ids) > vocab_size:
-        raise ConfigError(f"{path}: {len(ids)} tokens, more than the model's vocab_size={vocab_size}")
     by_id = sorted(tokens, key=tokens.__getitem__)
-    padding = [f"[PAD{i}]" for i in range(len(ids), vocab_size)]
+    if [tokens[token] for token in by_id] != list(range(len(by_id))):
+        raise ConfigError(f"{path}: token ids are not 0..{len(by_id) - 1} without gaps, as GGUF's token list needs")
+    if len(by_id) > vocab_size:
+        raise ConfigError(f"{path}: {len(by_id)} tokens, more than the model's vocab_size={vocab_size}")
+    padding = [f"[PAD{i}]" for i in range(len(by_id), vocab_size)]
     types = [gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL for token in by_id]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(PRE_TOKENIZER)
     writer.add_token_list(by_id + padding)
     writer.add_token_types(types + [gguf.TokenType.UNUSED] * len(padding))
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for role, (token, id_) in SPECIAL_TOKENS.items():
-        if tokens.get(token) == id_:
-            getattr(writer, _SETTERS[role])(id_)
+    roles = {role: id_ for role, (token, id_) in SPECIAL_TOKENS.items() if tokens.get(token) == id_}
+    for role, id_ in roles.items():
+        getattr(writer, _SETTERS[role])(id_)
     # Prompts start with BOS (mistura.infer.generate.encode_prompt); documents end with EOS only in training.
-    writer.add_add_bos_token(tokens.get(SPECIAL_TOKENS["bos"][0]) == SPECIAL_TOKENS["bos"][1])
+    writer.add_add_bos_token("bos" in roles)
     writer.add_add_eos_token(False)
 
 
@@ -71,10 +71,7 @@ def read_tokenizer(fields: dict[str, Any]) -> Tokenizer:
     while types and types[-1] == gguf.TokenType.UNUSED:
         tokens, types = tokens[:-1], types[:-1]
     merges = [tuple(merge.split(" ")) for merge in fields.get(_KEYS.MERGES, [])]
-    tokenizer = Tokenizer(models.BPE({token: id_ for id_, token in enumerate(tokens)}, merges))
-    tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = byte_level(models.BPE({token: id_ for id_, token in enumerate(tokens)}, merges))
     control = [token for token, kind in zip(tokens, types) if kind == gguf.TokenType.CONTROL]
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
     return tokenizer
