@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mistura
-from mistura.checkpoint import resolve, save_model
+from mistura.checkpoint import read_config, resolve, save_model
 from mistura.config import ModelConfig
 from mistura.infer.generate import encode_prompt
 from mistura.infer.sampling import Sampling
@@ -230,7 +230,7 @@ def kv_memory(args) -> None:
 def long_context_checkpoint(source: str, folder: Path) -> str:
     """A random-weights Llama of ~25M parameters and a 1,024-token context, with `source`'s tokenizer: a model
     whose long prefill costs what it costs in real serving (the quickstart model's context is 128 tokens)."""
-    vocab = mistura.load(source).config.vocab_size
+    vocab = read_config(resolve(source)).vocab_size
     config = ModelConfig.from_name("llama-tiny", vocab_size=vocab, max_seq_len=1024, n_layer=6, d_model=512, d_ff=1408)
     save_model(folder, Transformer(config), resolve(source) / "tokenizer.json")
     return str(folder)

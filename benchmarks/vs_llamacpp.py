@@ -46,7 +46,7 @@ import mistura
 from mistura.checkpoint import resolve, save_model
 from mistura.config import ModelConfig
 from mistura.convert.gguf import to_gguf
-from mistura.infer.engine import generate
+from mistura.infer.engine import compile_for_decoding, generate
 from mistura.infer.sampling import Sampling
 from mistura.model import Transformer
 from mistura.quant.model import QuantConfig, quantize_model
@@ -180,7 +180,7 @@ def measure(checkpoint: Path, workdir: Path, args: argparse.Namespace) -> tuple[
     models = mistura_models(checkpoint)
     decoders = {name: partial(mistura_decode, model) for name, model in models.items()}
     for name in args.compile:
-        decoders[f"{name} compiled"] = partial(mistura_decode, torch.compile(models[name], dynamic=True))
+        decoders[f"{name} compiled"] = partial(mistura_decode, compile_for_decoding(models[name]))
     context = args.prompt_len + args.new_tokens
     llamas = {}
     for gguf_type in FORMATS.values():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -25,6 +26,15 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any, indent: int = 1) -> None:
+    """`data` as UTF-8 JSON at `path` (non-ASCII text kept, other objects as their str), written atomically into
+    its folder, which is made if missing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as file:
+        file.write(json.dumps(data, indent=indent, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
 
 
 @contextmanager

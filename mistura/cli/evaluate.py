@@ -4,9 +4,9 @@ or `mistura eval CKPT --tasks NAMES` (lm-evaluation-harness tasks, through mistu
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from mistura.atomic import write_json
 from mistura.cli.options import add_device_options, add_no_progress_option, device_and_dtype
 
 
@@ -42,7 +42,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_tasks(args) if args.tasks else evaluate_text(args)
     result["seconds"] = round(time.perf_counter() - begin, 3)
     name = Path(args.text).stem if args.text else args.tasks.replace(",", "+")
-    write_result(Path(args.output or f"eval-{Path(args.checkpoint).resolve().name}-{name}.json"), result)
+    path = Path(args.output or f"eval-{Path(args.checkpoint).resolve().name}-{name}.json")
+    write_json(path, result, indent=2)
+    print(f"wrote {path}")
 
 
 def evaluate_text(args: argparse.Namespace) -> dict:
@@ -61,29 +63,17 @@ def evaluate_text(args: argparse.Namespace) -> dict:
 
 def evaluate_tasks(args: argparse.Namespace) -> dict:
     """lm-evaluation-harness's simple_evaluate on the `mistura` model (mistura.eval.harness)."""
-    from importlib.util import find_spec
+    from mistura.eval import require_harness
 
-    from mistura.errors import ConfigError
-
-    if find_spec("lm_eval") is None:
-        raise ConfigError("mistura eval --tasks needs lm-evaluation-harness: pip install -e '.[eval]'")
+    require_harness("mistura eval --tasks")
     from lm_eval.utils import make_table
 
     from mistura.eval.harness import evaluate_tasks
 
-    device, dtype = device_and_dtype(args)
+    device, _ = device_and_dtype(args)  # the harness's model reads --dtype itself
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = evaluate_tasks(
-        args.checkpoint, tasks, limit, args.num_fewshot, args.batch_size, args.include_path, device, args.dtype
+        args.checkpoint, tasks, args.limit, args.num_fewshot, args.batch_size, args.include_path, device, args.dtype
     )
     print(make_table(results))
     return results
-
-
-def write_result(path: Path, result: dict) -> None:
-    from mistura.atomic import atomic_write
-
-    with atomic_write(path) as file:
-        file.write(json.dumps(result, indent=2, ensure_ascii=False, default=str).encode("utf-8") + b"\n")
-    print(f"wrote {path}")

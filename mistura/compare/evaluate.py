@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mistura.atomic import write_json
 from mistura.compare.suite import EvalConfig
-from mistura.compare.worker import read_json, run_directory, write_json
-from mistura.errors import ConfigError
+from mistura.compare.worker import read_json, run_directory
+from mistura.eval import require_harness
 from mistura.train.device import resolve_device
 
 
@@ -33,17 +34,10 @@ def check_evaluation(config: EvalConfig) -> None:
 
         read_texts(config.text)
     if config.tasks:
-        require_harness()
+        require_harness("the suite's eval.tasks")
         from mistura.eval.harness import task_manager
 
         task_manager(list(config.tasks), config.include_path)
-
-
-def require_harness() -> None:
-    from importlib.util import find_spec
-
-    if find_spec("lm_eval") is None:
-        raise ConfigError("the suite's eval.tasks need lm-evaluation-harness: pip install -e '.[eval]'")
 
 
 def evaluate_runs(results: list[dict[str, Any]], out: Path, config: EvalConfig, log=print) -> list[dict[str, Any]]:
@@ -80,7 +74,7 @@ def evaluate_checkpoint(checkpoint: Path, config: EvalConfig, device) -> dict[st
 
 
 def run_harness(checkpoint: Path, config: EvalConfig, device) -> dict[str, dict[str, Any]]:
-    require_harness()
+    """lm_eval's results of the suite's tasks (check_evaluation has found the harness and the tasks)."""
     from mistura.eval.harness import evaluate_tasks
 
     return evaluate_tasks(

@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mistura.atomic import write_json
 from mistura.compare.counts import counts_table, match_configs
 from mistura.compare.evaluate import check_evaluation, evaluate_runs
 from mistura.compare.plots import write_plots
 from mistura.compare.report import write_report
 from mistura.compare.suite import GenerationConfig, Run, Suite
-from mistura.compare.worker import SPEC_FILE, metrics_path, read_json, run_directory, write_json
+from mistura.compare.worker import SPEC_FILE, metrics_path, read_json, run_directory
 from mistura.errors import ConfigError, MisturaError
 from mistura.train.trainer import prepared_data, run_to_dict
 

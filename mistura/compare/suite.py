@@ -87,8 +87,6 @@ class EvalConfig:
             raise ConfigError(f"eval.tasks: task names, none of them empty, got {list(self.tasks)}")
         if self.limit is not None and self.limit <= 0:
             raise ConfigError(f"eval.limit: a number of examples (or a fraction), above 0, got {self.limit}")
-        if self.limit is not None and self.limit >= 1:
-            self.limit = int(self.limit)
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
 

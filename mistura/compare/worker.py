@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mistura._entry import run_command
-from mistura.atomic import atomic_write
+from mistura.atomic import write_json
 from mistura.compare.counts import model_counts
 from mistura.compare.metrics import peak_memory, run_metrics
 from mistura.compare.suite import GenerationConfig
@@ -87,12 +87,6 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # unreadable, not UTF-8 or not JSON
         raise CheckpointError(f"cannot read {path} ({err}): delete it to redo that run") from err
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        f.write(json.dumps(data, indent=1, ensure_ascii=False).encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:

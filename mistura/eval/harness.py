@@ -23,6 +23,7 @@ include path unless `--include_path` names another.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from itertools import groupby
@@ -56,7 +57,7 @@ class MisturaLM(TemplateLM):
         super().__init__()
         from mistura.shards import parse_dtype
 
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # lm_eval's default device
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # as lm_eval's own models do
             log.warning("device %s: this machine has no CUDA device, running on the CPU", device)
             device = "cpu"
         self.model = mistura.load(pretrained, device, parse_dtype(dtype))
@@ -104,7 +105,8 @@ class MisturaLM(TemplateLM):
         the argmax."""
         device = self.model.tok_emb.weight.device
         ids = torch.tensor(rows, device=device)  # (B, T)
-        logprobs = F.log_softmax(self.model(ids[:, :-1]).float(), dim=-1)  # (B, T - 1, V): token t + 1 at t
+        hidden = self.model.hidden_states(ids[:, :-1])[:, -max(lengths) :]  # (B, n, D): token t + 1 at t
+        logprobs = F.log_softmax(self.model.logits(hidden).float(), dim=-1)  # (B, n, V), only the scored positions
         answers = []
         for row, n in enumerate(lengths):
             target = ids[row, -n:]  # (n,)
@@ -121,7 +123,7 @@ class MisturaLM(TemplateLM):
             (text,) = request.args
             ids = self.tok_encode(text)
             spans = [(ids, *span) for span in windows(len(ids), self.context, stride)]
-            totals.append(-spans_nll(self.model, spans, self.context, lambda n: None))
+            totals.append(-spans_nll(self.model, spans, self.context))
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -165,9 +167,9 @@ def evaluate_tasks(
     tasks, and lm_eval's results, versions, n-shot, higher_is_better and n-samples (what make_table reads)."""
     from lm_eval import simple_evaluate
 
-    from mistura.checkpoint import resolve
+    from mistura.loading import locate
 
-    resolve(checkpoint)  # a missing checkpoint is an error before the harness starts
+    locate(checkpoint)  # a missing checkpoint is an error before the harness starts
     manager = task_manager(tasks, include_path)
     results = simple_evaluate(
         model="mistura",
@@ -176,7 +178,7 @@ def evaluate_tasks(
         device=str(device),
         tasks=tasks,
         num_fewshot=num_fewshot,
-        limit=limit,
+        limit=int(limit) if limit is not None and limit >= 1 else limit,  # a count, or a fraction of each task
         task_manager=manager,
         verbosity="ERROR",
     )
@@ -186,15 +188,21 @@ def evaluate_tasks(
 
 def task_manager(tasks: list[str], include_path: str | None = None):
     """lm_eval's TaskManager over its tasks, mistura's own and `include_path`'s; ConfigError names unknown tasks."""
-    from lm_eval.tasks import TaskManager
-
-    from mistura.eval.tasks import TASKS_DIR
-
-    manager = TaskManager(include_path=[str(TASKS_DIR)] + ([str(include_path)] if include_path else []))
+    manager = _task_manager(str(include_path) if include_path else None)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"unknown lm-evaluation-harness task(s): {', '.join(unknown)} (see `lm_eval ls tasks`)")
     return manager
+
+
+@functools.cache
+def _task_manager(include_path: str | None):
+    """One TaskManager per include path and process: building one reads every task YAML (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    from mistura.eval.tasks import TASKS_DIR
+
+    return TaskManager(include_path=[str(TASKS_DIR)] + ([include_path] if include_path else []))
 
 
 def main() -> None:

@@ -152,7 +152,10 @@ def score_checkpoint(
 
 
 def spans_nll(
-    model: Transformer, spans: list[tuple[list[int], int, int, int]], ctx: int, done: Callable[[int], object]
+    model: Transformer,
+    spans: list[tuple[list[int], int, int, int]],
+    ctx: int,
+    done: Callable[[int], object] = lambda n: None,
 ) -> float:
     """The summed negative log-likelihood of the scored tokens of windows (ids, begin, end, first), those of a
     length batched together (their logits within about LOGITS_BYTES); done(n) is told of every n finished."""
