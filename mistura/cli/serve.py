@@ -88,7 +88,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving {app.state.model_name} at http://{shown}:{port}/v1 (OpenAI API; /health, /metrics)", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+        server.run(sockets=[sock])
+    if server.should_exit:  # stopped by a signal: uvicorn re-raises it, but asyncio's runner can swallow a SIGINT
+        raise KeyboardInterrupt
 
 
 def require_serve_extra() -> None:
