@@ -15,7 +15,9 @@ same workload to each server set-up with the official `openai` client, and print
    positions held in blocks but not (yet) filled, against the pool, and what a contiguous cache of the
    model's full context per running request would leave unused;
 3. prefix caching: requests that share one long system prompt, one at a time, with prefix caching on and
-   off: time to first token.
+   off: time to first token;
+4. paged attention: the throughput workload through the engine in-process, its attention reading the pages
+   with `gather` (SDPA over each context read out of the pool) and `flex` (FlexAttention in place).
 
     .venv/bin/python benchmarks/serve.py runs/quickstart
     .venv/bin/python benchmarks/serve.py runs/quickstart --requests 64 --clients 16 --rates 4 inf
@@ -227,6 +229,35 @@ def kv_memory(args) -> None:
     print(f"| contiguous, {context} per request | | {100 * contiguous / steps / pool:.1f} % | |")
 
 
+def attention(args) -> None:
+    """The engine in-process on the throughput workload (all at once), with each way of reading the pages:
+    steps, milliseconds per step and output tokens/s; flex's compile time apart."""
+    model, tokenizer = mistura.load(args.checkpoint), load_tokenizer(args.checkpoint)
+    prompts = [(encode_prompt(tokenizer, job.prompt), job.max_tokens) for job in workload(args.requests, math.inf)]
+    print(f"\nPaged attention, the engine in-process, {args.requests} requests at once, {args.clients} running:")
+    print("| attention | compile s | steps | ms per step | output tok/s | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rates = {}
+    for name in ("gather", "flex"):
+        start = time.perf_counter()
+        engine = Engine(model, None, max_seqs=args.clients, attention=name)
+        compiled = time.perf_counter() - start
+        best = math.inf
+        for _ in range(args.rounds):
+            for i, (prompt, new) in enumerate(prompts):
+                engine.add(str(i), Request(prompt, Sampling(max_new_tokens=new, temperature=0)))
+            start, steps = time.perf_counter(), 0
+            while engine.has_work:
+                engine.step()
+                steps += 1
+            best = min(best, time.perf_counter() - start)
+        rates[name] = sum(new for _, new in prompts) / best
+        print(
+            f"| {name} | {compiled:.1f} | {steps} | {1e3 * best / steps:.2f} | {rates[name]:,.0f} "
+            f"| {rates[name] / rates['gather']:.2f}x |"
+        )
+
+
 def long_context_checkpoint(source: str, folder: Path) -> str:
     """A random-weights Llama of ~25M parameters and a 1,024-token context, with `source`'s tokenizer: a model
     whose long prefill costs what it costs in real serving (the quickstart model's context is 128 tokens)."""
@@ -272,6 +303,7 @@ def main() -> None:
     throughput(args)
     kv_memory(args)
     prefix(args)
+    attention(args)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,16 @@ def prepared(small_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def eager_flex(monkeypatch):
+    """Paged flex attention uncompiled: exact through its mask_mod alone, with no compile to wait for."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from mistura.model import paged_attention
+
+    monkeypatch.setattr(paged_attention, "flex_kernel", lambda: flex_attention)
+
+
+@pytest.fixture
 def greedy():
     """greedy(model, prompt (B, T), n): the engine's greedy continuation as (B, T + n), like Hugging Face's generate."""
     from mistura.infer.engine import generate

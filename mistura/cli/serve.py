@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continuous: requests join the running batch at every step; static: only when it is empty "
         "(default: continuous)",
     )
+    p.add_argument(
+        "--attention",
+        choices=["gather", "flex"],
+        default="gather",
+        help="how attention reads the paged KV cache: gather copies each sequence's context out of the pool "
+        "for SDPA (the faster); flex runs FlexAttention on the pool's blocks in place, compiled at start-up "
+        "for each query count bucket (CPU only) (default: gather)",
+    )
     add_device_options(p)
     p.set_defaults(func=cmd_serve)
 
@@ -79,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_batched_tokens=args.max_batched_tokens,
         prefix_caching=not args.no_prefix_caching,
         static_batching=args.scheduling == "static",
+        attention=args.attention,
     )
     where = device_and_dtype(args)
     with listen(args.host, args.port) as sock:
@@ -87,7 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
         )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"serving {app.state.model_name} at http://{shown}:{port}/v1 (OpenAI API; /health, /metrics)", flush=True)
+        print(
+            f"serving {app.state.model_name} at http://{shown}:{port}/v1 (OpenAI API; /health, /metrics; "
+            f"{args.attention} paged attention)",
+            flush=True,
+        )
         server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
         server.run(sockets=[sock])
     if server.should_exit:  # stopped by a signal: uvicorn re-raises it, but asyncio's runner can swallow a SIGINT

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistura.config import ModelConfig
-from mistura.model.cache import KVCache
+from mistura.model.cache import AttendingCache, KVCache
 from mistura.model.norm import RMSNorm
 from mistura.model.rope import apply_rope
 
@@ -49,6 +49,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if isinstance(cache, AttendingCache):  # paged: it reads each row's context through its block table
+            return self.o_proj(cache.attend(self.layer, q, k, v).transpose(1, 2).reshape(B, T, -1))
         start = 0
         if cache is not None:
             start = cache.pos

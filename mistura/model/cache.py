@@ -10,7 +10,8 @@ advances `pos`. Nothing is reallocated or copied while decoding. Two kinds:
   token, kv_lora_rank + qk_rope_head_dim values per token and layer, from which the
   absorbed path attends without ever expanding per-head keys and values.
 
-The attention module picks its path by the kind of cache it is given.
+The attention module picks its path by the kind of cache it is given. An `AttendingCache`
+(mistura.model.paged's) runs the attention itself, through its rows' block tables.
 
 Under tensor parallelism (mistura.parallel.tensor) a rank runs n_kv_head / tensor_parallel
 of the key/value heads, and its KVCache holds those alone; the LatentCache holds no
@@ -36,7 +37,8 @@ class Cache(ABC):
     i - pad[b]). None means no padding. `tensor_parallel` is the number of ranks that
     split the heads (1: a single process). `frame`, the attention mask (B, 1, T, S) and
     positions (B, T) of one forward's new tokens, is set by caches whose rows each stand
-    at their own position (mistura.model.paged); None here.
+    at their own position (mistura.model.paged, whose attention needs no mask: None);
+    None here.
     """
 
     frame: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -122,3 +124,12 @@ class LatentCache(Cache):
         self.c_kv[layer, :, self.pos : end] = c_kv
         self.k_pe[layer, :, self.pos : end] = k_pe
         return self.latent[layer, :, :end]
+
+
+class AttendingCache(Cache):
+    """A cache whose rows are read through block tables (mistura.model.paged): `attend` stores the new tokens'
+    entries for a layer and runs that layer's attention of the queries over them itself."""
+
+    @abstractmethod
+    def attend(self, layer: int, q: torch.Tensor, *new: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """q (1, H, N, E) and the new tokens' entries, as `update` takes them: the attention output (1, H, N, E_v)."""

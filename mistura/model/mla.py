@@ -43,7 +43,7 @@ from torch import nn
 
 from mistura.config import ModelConfig
 from mistura.model.attention import causal_mask_args, prefix_causal_mask
-from mistura.model.cache import KVCache, LatentCache
+from mistura.model.cache import AttendingCache, KVCache, LatentCache
 from mistura.model.norm import RMSNorm
 from mistura.model.rope import apply_rope, yarn_mscale
 
@@ -111,6 +111,8 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, T, D_nope + D_rope)
         k = torch.cat((k_nope, k_pe.expand(-1, H, -1, -1)), dim=-1)
+        if isinstance(cache, AttendingCache):  # paged: it reads each row's context through its block table
+            return cache.attend(self.layer, q, k, v, scale=self.scale)
         start = 0
         if cache is not None:
             start = cache.pos
@@ -138,22 +140,32 @@ class MultiHeadLatentAttention(nn.Module):
         w_kv = local_part(self.kv_b_proj.weight).view(H, self.nope_dim + self.v_dim, self.rank)
         w_uk, w_uv = w_kv.split([self.nope_dim, self.v_dim], dim=1)  # (H, D_nope, r), (H, D_v, r)
         q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (B, H, T, r)
-        # One key/value head serves all query heads: folding the heads into the query
-        # length makes it one attention of H * T queries, with no per-head copy of the cache.
-        q = torch.cat((q_latent, q_pe), dim=-1).reshape(B, 1, H * T, self.rank + self.rope_dim)
+        q = torch.cat((q_latent, q_pe), dim=-1)  # (B, H, T, r + D_rope)
+        if isinstance(cache, AttendingCache):
+            y = cache.attend(self.layer, q, c_kv, k_pe, scale=self.scale)
+        else:
+            y = self._latent_attention(q, c_kv, k_pe, cache, mask)
+        return torch.einsum("bhtr,hvr->bhtv", y, w_uv)
+
+    def _latent_attention(
+        self, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, cache: LatentCache, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """q (B, H, T, r + D_rope) over the cached [c_kv, k_pe] as one key head whose first r channels are the
+        values: (B, H, T, r). Folding the heads into the query length makes it one attention of H * T queries,
+        with no per-head copy of the cache."""
+        B, H, T, _ = q.shape
         start = cache.pos
         keys = cache.update(self.layer, c_kv, k_pe)[:, None]  # (B, 1, S, r + D_rope); values: its first r
         if mask is None and T > 1:
             mask = prefix_causal_mask(start, T, q.device)
-        y = F.scaled_dot_product_attention(
-            q,
+        return F.scaled_dot_product_attention(
+            q.reshape(B, 1, H * T, -1),
             keys,
             keys[..., : self.rank],
             attn_mask=torch.cat([mask] * H, dim=-2) if mask is not None else None,  # row h*T + t: head h, query t
             dropout_p=self.dropout if self.training else 0.0,
             scale=self.scale,
         ).view(B, H, T, self.rank)
-        return torch.einsum("bhtr,hvr->bhtv", y, w_uv)
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,12 @@ sequence lives in block table[j // P], slot j % P, that is pool slot table[j // 
 need not be contiguous, so sequences grow a block at a time, free theirs when they end, and share the
 blocks of a common prefix (which block holds what is mistura.serve.blocks's bookkeeping).
 
-Each forward writes the new tokens' keys and values into their slots (index_copy_ into the pool) and
-reads the contexts back through the tables (one gather per layer), then attends with a mask. Decoding,
-each row brings one token: the rows go side by side (B, 1), each reading its own context (B, S), padded
-to the longest and masked. When some row brings a prefill chunk, all new tokens are packed into one row
-(1, N), as varlen attention kernels take them, reading all contexts one after the other (1, sum S) under
-a block-diagonal causal mask: no row's tokens are padded to another's length, so a long chunk does not
-multiply the decodes' cost. The pool is allocated once; nothing is reallocated as sequences come and go.
+Each forward packs all rows' N new tokens into one row (1, N), as varlen attention kernels take them,
+single-token rows (decodes) first; each layer writes the new tokens' keys and values into their slots
+(index_copy_ into the pool), and its attention reads every row's context through its table
+(mistura.model.paged_attention): `gather` reads each context out of the pool and runs SDPA, `flex` runs
+FlexAttention on the pool in place. No row is padded to another's length, so a long prefill chunk does
+not multiply the decodes' cost. The pool is allocated once; nothing is reallocated as sequences come and go.
 
 For MLA the pages hold what its LatentCache holds, the latent and the rotary key of each token
 (kv_lora_rank + qk_rope_head_dim values per token and layer), and the absorbed path attends over them.
@@ -32,7 +31,16 @@ from dataclasses import dataclass
 import torch
 
 from mistura.errors import ConfigError
-from mistura.model.cache import KVCache, LatentCache
+from mistura.model.cache import AttendingCache, KVCache, LatentCache
+from mistura.model.paged_attention import (
+    ATTENTION,
+    FlexLayout,
+    GatherLayout,
+    Rows,
+    flex_attention,
+    gather_attention,
+    query_buckets,
+)
 from mistura.model.transformer import Transformer
 
 
@@ -47,12 +55,12 @@ class PagedRow:
 
 @dataclass
 class PagedBatch:
-    """One forward's input: its token ids, the cache it reads and writes through, and where each row's new
-    tokens sit in the flattened output (B * T or N positions)."""
+    """One forward's input: every row's new tokens packed in one row, the cache it reads and writes through,
+    and where each row's new tokens sit in it."""
 
-    ids: torch.Tensor  # (B, 1) one token per row, or (1, N) all rows' new tokens packed
+    ids: torch.Tensor  # (1, N)
     cache: KVCache | LatentCache
-    places: list[torch.Tensor]  # row b's new tokens' indices into ids.view(-1)
+    places: list[torch.Tensor]  # row b's new tokens' indices into ids[0]
 
     @property
     def last(self) -> torch.Tensor:
@@ -62,13 +70,21 @@ class PagedBatch:
 
 class PagePool:
     """The blocks of all sequences, for every layer: latent (L, N * P, r + D_rope) for an MLA model, else keys
-    (L, N * P, H_kv, D_k) and values (L, N * P, H_kv, D_v), on the model's device and dtype."""
+    (L, N * P, H_kv, D_k) and values (L, N * P, H_kv, D_v), on the model's device and dtype; `attention`
+    names how forwards read them (mistura.model.paged_attention)."""
 
-    def __init__(self, model: Transformer, n_blocks: int, block_size: int):
+    def __init__(self, model: Transformer, n_blocks: int, block_size: int, attention: str = "gather"):
         if n_blocks < 1 or block_size < 1:
             raise ConfigError(f"a paged KV cache needs >= 1 block of >= 1 position, got {n_blocks} x {block_size}")
-        self.n_blocks, self.block_size = n_blocks, block_size
+        if attention not in ATTENTION:
+            raise ConfigError(f"paged attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         param = model.tok_emb.weight
+        if attention == "flex" and param.device.type != "cpu":
+            raise ConfigError(
+                "flex paged attention runs on the CPU only: its block mask holds one query per block, and Triton's "
+                "flex kernels need blocks of at least 16 queries; use gather attention on a GPU"
+            )
+        self.n_blocks, self.block_size, self.attention = n_blocks, block_size, attention
         self.latent = model.config.mla is not None
         slots = n_blocks * block_size
         self.tensors = [
@@ -89,14 +105,33 @@ class PagePool:
             tensor[:, target * P : (target + 1) * P] = tensor[:, source * P : (source + 1) * P]
 
     def batch(self, rows: list[PagedRow]) -> PagedBatch:
-        """The input of one forward over `rows`: one token per row side by side when each brings one (decoding),
-        else every row's new tokens packed into one row, attending to its own context alone (prefill chunks
-        beside decodes), so no row is padded to another's length."""
+        """The input of one forward over `rows`: their new tokens packed, single-token rows first."""
         device = self.tensors[0].device
-        layout = _side_by_side if all(len(row.tokens) == 1 for row in rows) else _packed
-        ids, places, read, write, mask, positions = layout(rows, self.block_size, device)
+        order = sorted(range(len(rows)), key=lambda b: len(rows[b].tokens) > 1)
+        packed = Rows(
+            [rows[b].table for b in order],
+            [rows[b].start for b in order],
+            [len(rows[b].tokens) for b in order],
+            self.block_size,
+            device,
+        )
+        write = packed.slots(packed.owner, packed.positions)  # (N,)
+        layout = GatherLayout(packed) if self.attention == "gather" else FlexLayout(packed, self.n_blocks)
+        ids = torch.tensor([token for b in order for token in rows[b].tokens], device=device)[None, :]  # (1, N)
+        places = torch.arange(len(write), device=device).split(packed.counts)
         kind = PagedLatentCache if self.latent else PagedKVCache
-        return PagedBatch(ids, kind(self, read, write, (mask, positions)), places)
+        cache = kind(self, write, packed.positions, layout)
+        return PagedBatch(ids, cache, [places[order.index(b)] for b in range(len(rows))])
+
+    def warm_up(self, model: Transformer, max_tokens: int) -> None:
+        """Compile the flex kernel for each query bucket up to `max_tokens` (seconds each on a CPU), so that no
+        request waits for it. It writes into block 0: call it before the pool serves."""
+        if self.attention != "flex":
+            return
+        for n in query_buckets(max_tokens):
+            with torch.inference_mode():
+                batch = self.batch([PagedRow([0], 0, [0])] * n)
+                model.hidden_states(batch.ids, batch.cache)
 
 
 def token_shapes(model: Transformer) -> list[tuple[int, ...]]:
@@ -107,79 +142,47 @@ def token_shapes(model: Transformer) -> list[tuple[int, ...]]:
     return [(config.n_kv_head, config.head_dim)] * 2
 
 
-def _slots(rows: list[PagedRow], owner: torch.Tensor, position: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The pool slot of each (row `owner`, `position`) pair: through the row's table."""
-    width = max(len(row.table) for row in rows)
-    tables = torch.tensor([row.table + [0] * (width - len(row.table)) for row in rows], device=position.device)
-    return tables[owner, position // block_size] * block_size + position % block_size
+class _PagedView(AttendingCache):
+    """A forward's view of a PagePool: the slots its new tokens go to (`write`, in order), their positions,
+    and how its attention reads the pool (`layout`)."""
 
-
-def _side_by_side(rows: list[PagedRow], block_size: int, device: torch.device) -> tuple:
-    """B rows of one new token each: ids (B, 1); each row reads its context (B, S), padded with its last
-    position, masked."""
-    ends = torch.tensor([row.start + 1 for row in rows], device=device)[:, None]  # (B, 1)
-    j = torch.arange(int(ends.max()), device=device)  # (S,)
-    owner = torch.arange(len(rows), device=device)[:, None]  # (B, 1)
-    read = _slots(rows, owner, torch.minimum(j, ends - 1), block_size)  # (B, S)
-    ids = torch.tensor([row.tokens for row in rows], device=device)  # (B, 1)
-    mask = (j < ends)[:, None, None, :]  # (B, 1, 1, S)
-    return ids, list(owner), read, read[:, -1], mask, ends - 1  # a row's last column: its new token's slot
-
-
-def _packed(rows: list[PagedRow], block_size: int, device: torch.device) -> tuple:
-    """All rows' N new tokens as one row (1, N), reading all rows' contexts one after the other (1, sum S): new
-    token t of row b, at position p, sees row b's positions 0 .. p and nothing of the other rows."""
-    index = torch.arange(len(rows), device=device)
-    counts = torch.tensor([len(row.tokens) for row in rows], device=device)
-    starts = torch.tensor([row.start for row in rows], device=device)
-    ends = starts + counts
-    offsets = ends.cumsum(0) - ends  # where each row's context begins in the packed keys
-    owner = torch.repeat_interleave(index, counts)  # (N,) each new token's row
-    positions = starts[owner] + torch.arange(len(owner), device=device) - (counts.cumsum(0) - counts)[owner]
-    key_owner = torch.repeat_interleave(index, ends)  # (sum S,)
-    key_position = torch.arange(len(key_owner), device=device) - offsets[key_owner]
-    read = _slots(rows, key_owner, key_position, block_size)  # (sum S,)
-    mask = (owner[:, None] == key_owner[None, :]) & (key_position[None, :] <= positions[:, None])  # (N, sum S)
-    ids = torch.tensor([token for row in rows for token in row.tokens], device=device)[None, :]  # (1, N)
-    places = list(torch.arange(len(owner), device=device).split(counts.tolist()))
-    return ids, places, read[None, :], read[offsets[owner] + positions], mask[None, None], positions[None, :]
-
-
-class _PagedView:
-    """A forward's view of a PagePool: the slots its new tokens go to (`write`, in order), the slots each row
-    of the input reads (`read`), and the mask and positions the model attends with (`frame`)."""
-
-    def __init__(self, pool: PagePool, read: torch.Tensor, write: torch.Tensor, frame: tuple):
-        self.pool, self.read, self.write, self.frame = pool, read, write, frame
+    def __init__(self, pool: PagePool, write: torch.Tensor, positions: torch.Tensor, layout):
+        self.pool, self.write, self.layout = pool, write, layout
+        self.frame = (None, positions[None])  # no mask: the attention follows the tables
         self.pos, self.pad, self.tensor_parallel = 0, None, 1
-        self.max_len = int(frame[1].max()) + 1  # the longest row's length: packed, a row holds several sequences
+        self.max_len = int(positions.max()) + 1  # the longest row's length: a packed row holds several sequences
 
     def end(self, length: int) -> int:
         return self.max_len
 
-    def store(self, layer: int, *new: torch.Tensor) -> list[torch.Tensor]:
-        """Write each of `new` (B, T, ...) at the new tokens' slots of `layer`; each pool tensor read back
-        through the input rows' slots (B, S, ...)."""
-        out = []
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale) -> torch.Tensor:
+        kernel = gather_attention if self.pool.attention == "gather" else flex_attention
+        return kernel(q, keys, values, self.layout, scale)
+
+    def _store(self, layer: int, *new: torch.Tensor) -> None:
+        """Write each of `new` (1, N, ...) at the new tokens' slots of `layer`."""
         for tensor, values in zip(self.pool.tensors, new, strict=True):
-            tensor[layer].index_copy_(0, self.write, values.flatten(0, 1).to(tensor.dtype))
-            out.append(tensor[layer][self.read])
-        return out
+            tensor[layer].index_copy_(0, self.write, values[0].to(tensor.dtype))
 
 
 class PagedKVCache(_PagedView, KVCache):
     """Per-head keys and values in the pool's pages (grouped-query attention, MLA's naive path)."""
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H_kv, T, D); return each row's keys and values (B, H_kv, S, D)."""
-        keys, values = self.store(layer, k.transpose(1, 2), v.transpose(1, 2))  # (B, S, H_kv, D)
-        return keys.transpose(1, 2), values.transpose(1, 2)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale=None) -> torch.Tensor:
+        """Store k, v (1, H_kv, N, D); q (1, H, N, D) attends over each row's keys and values: (1, H, N, D_v)."""
+        self._store(layer, k.transpose(1, 2), v.transpose(1, 2))
+        keys, values = (tensor[layer] for tensor in self.pool.tensors)  # (N_slots, H_kv, D)
+        return self._attend(q, keys, values, scale)
 
 
 class PagedLatentCache(_PagedView, LatentCache):
     """MLA's latent and rotary key in the pool's pages, for the absorbed path."""
 
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor) -> torch.Tensor:
-        """Store c_kv (B, T, r) and k_pe (B, T, D_rope); return each row's [c_kv, k_pe] (B, S, r + D_rope)."""
-        (latent,) = self.store(layer, torch.cat([c_kv, k_pe], dim=-1))
-        return latent
+    def attend(
+        self, layer: int, q: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, *, scale=None
+    ) -> torch.Tensor:
+        """Store c_kv (1, N, r) and k_pe (1, N, D_rope); q (1, H, N, r + D_rope) attends over each row's
+        [c_kv, k_pe] as its single key head, whose first r channels are the values: (1, H, N, r)."""
+        self._store(layer, torch.cat([c_kv, k_pe], dim=-1))
+        latent = self.pool.tensors[0][layer][:, None]  # (N_slots, 1, r + D_rope)
+        return self._attend(q, latent, latent[..., : c_kv.shape[-1]], scale)

@@ -157,8 +157,9 @@ class Transformer(nn.Module):
         start: int, length: int, cache: Cache | None, device: torch.device
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The attention mask (B, 1, T, S) and positions (B, T) of the new tokens where rows differ: a left-padded
-        batch (its padding slots at position 0) or a paged one, whose cache gives both; None, None where every row
-        continues at `start` with plain causal attention."""
+        batch (its padding slots at position 0) or a paged one, whose cache gives its positions (and no mask: it
+        attends through its block tables); None, None where every row continues at `start` with plain causal
+        attention."""
         if cache is None:
             return None, None
         if cache.frame is not None:

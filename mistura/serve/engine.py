@@ -30,6 +30,10 @@ shared, partly filled last block copies it (copy-on-write).
 
 Static batching (`static_batching`) admits requests only when nothing runs: the baseline that
 continuous batching is measured against (benchmarks/serve.py).
+
+`attention` is how each forward reads the pool (mistura.model.paged_attention): "gather" (SDPA over each
+row's context read out of the pool) or "flex" (FlexAttention on the pool in place, compiled for every
+query bucket up to `max_batched_tokens` when the engine is built).
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class Engine:
         max_batched_tokens: int = 256,
         prefix_caching: bool = True,
         static_batching: bool = False,
+        attention: str = "gather",
     ):
         if max_seqs < 1 or max_batched_tokens < 1 or block_size < 1:
             raise ConfigError("max_seqs, max_batched_tokens and block_size must be >= 1")
@@ -127,7 +132,8 @@ class Engine:
         n_blocks = n_blocks or max_seqs * math.ceil(model.config.max_seq_len / block_size)
         self.model, self.eos_id = model.eval(), eos_id
         self.max_seqs, self.max_batched_tokens, self.static_batching = max_seqs, max_batched_tokens, static_batching
-        self.pool = PagePool(model, n_blocks, block_size)
+        self.pool = PagePool(model, n_blocks, block_size, attention)
+        self.pool.warm_up(model, max_batched_tokens)
         self.blocks = BlockManager(n_blocks, block_size, prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is preempted first

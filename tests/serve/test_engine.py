@@ -53,6 +53,24 @@ def test_interleaved_requests_give_what_each_gives_alone_and_free_every_block(ti
     assert stats.blocks_used == 0 and stats.running == stats.waiting == 0 and stats.generated_tokens == 12 * 8
 
 
+@pytest.mark.parametrize("architecture", ["llama (RoPE, GQA)", "mla (latent cache)"])
+def test_flex_attention_reads_the_pages_in_place_and_answers_the_same(tiny, architecture, eager_flex):
+    """Shared prefix blocks, forks copied on write, preemptions: FlexAttention's block mask follows them all."""
+    model = tiny_model(tiny, architecture)
+    requests = {str(i): Request(p, GREEDY) for i, p in enumerate(PROMPTS)}
+    requests["n"] = Request(PROMPTS[8], Sampling(max_new_tokens=6, temperature=1.0, top_k=None, seed=3), n=3)
+    results = []
+    for attention in ("gather", "flex"):
+        engine = Engine(model, None, max_seqs=6, block_size=4, n_blocks=12, max_batched_tokens=16, attention=attention)
+        engine.add("shared", Request(PROMPTS[10] + [1], GREEDY))
+        results.append(run(engine, requests | {"again": Request(PROMPTS[10] + [2], GREEDY)})[0])
+        assert engine.stats().preemptions > 0 and engine.stats().prefix_hit_tokens > 0
+    gathered, flexed = results
+    assert flexed == gathered
+    want = {(str(i), 0): alone(model, p) for i, p in enumerate(PROMPTS)}
+    assert {k: v for k, v in flexed.items() if k[0].isdigit()} == want
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_a_quantised_model_serves_as_it_generates(tiny, fmt):
     model = quantize_model(tiny_model(tiny, "moe"), QuantConfig(fmt, group_size=16 if fmt == "int4" else None))

@@ -470,22 +470,26 @@ def test_serve_bad_input_is_a_one_line_error(checkpoint, tmp_path, capsys, args,
     assert err.startswith(message) and err.count("\n") == 1
 
 
-def test_mistura_serve_serves(checkpoint):
+def test_mistura_serve_serves(checkpoint, model, tokenizer):
     """The command in a process of its own: it prints its URL, answers with the key from MISTURA_API_KEY, and
-    stops on Ctrl-C."""
+    stops on Ctrl-C. Its attention is the compiled flex kernel (one query bucket: 16 tokens per forward)."""
     env = {**os.environ, "MISTURA_API_KEY": "k", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "mistura.cli", "serve", str(checkpoint), "--port", "0", "--model-name", "cli"]
+    command += ["--attention", "flex", "--max-batched-tokens", "16"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = []
         reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
         reader.start()
-        reader.join(TIMEOUT)
+        reader.join(3 * TIMEOUT)  # the kernel compiles before the line is printed
         url = re.search(r"http://127\.0\.0\.1:\d+/v1", lines[0]).group(0)
+        assert "flex paged attention" in lines[0]
         client = openai.OpenAI(base_url=url, api_key="k", timeout=TIMEOUT, max_retries=0)
         wait_until(lambda: http(url.removesuffix("/v1") + "/health")[0] == 200)
         assert [m.id for m in client.models.list().data] == ["cli"]
-        assert client.completions.create(model="cli", prompt="Capitu", max_tokens=3).usage.completion_tokens >= 1
+        for prompt in PROMPTS:
+            answer = client.completions.create(model="cli", prompt=prompt, max_tokens=12, temperature=0)
+            assert answer.choices[0].text == offline(model, tokenizer, prompt, 12)[0]
     finally:
         process.send_signal(signal.SIGINT)
         try:
