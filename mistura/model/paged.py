@@ -116,7 +116,10 @@ class PagePool:
             device,
         )
         write = packed.slots(packed.owner, packed.positions)  # (N,)
-        layout = GatherLayout(packed) if self.attention == "gather" else FlexLayout(packed, self.n_blocks)
+        if self.attention == "gather":
+            layout = GatherLayout(packed, self.tensors[0].dtype)
+        else:
+            layout = FlexLayout(packed, self.n_blocks)
         ids = torch.tensor([token for b in order for token in rows[b].tokens], device=device)[None, :]  # (1, N)
         places = torch.arange(len(write), device=device).split(packed.counts)
         kind = PagedLatentCache if self.latent else PagedKVCache

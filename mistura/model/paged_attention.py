@@ -33,8 +33,8 @@ MIN_QUERIES = 16  # the smallest query bucket of the compiled flex kernel
 
 @dataclass
 class Rows:
-    """Where each row of a paged forward stands, as tensors: its block table, its first new position, its
-    number of new tokens; rows with one new token come first."""
+    """Where each row of a paged forward stands: its block table, its first new position, its number of new
+    tokens (rows with one new token first); `owner` and `positions` (N,) give each new token's row and position."""
 
     tables: list[list[int]]
     starts: list[int]
@@ -63,26 +63,27 @@ class Rows:
 class GatherLayout:
     """What `gather_attention` reads, worked out once per forward for all layers."""
 
-    def __init__(self, rows: Rows):
+    def __init__(self, rows: Rows, dtype: torch.dtype):
         device, d = rows.device, rows.decodes
         ends = torch.tensor(rows.starts[:d], device=device) + 1  # (B_d,)
         j = torch.arange(int(ends.max()) if d else 0, device=device)  # (S,)
         last = torch.minimum(j[None, :], ends[:, None] - 1)  # (B_d, S): past its end, a row rereads its last
         self.decode_read = rows.slots(torch.arange(d, device=device)[:, None], last) if d else None  # (B_d, S)
-        self.decode_mask = additive(j[None, :] < ends[:, None])[:, None, None, :]  # (B_d, 1, 1, S)
+        self.decode_mask = additive(j[None, :] < ends[:, None], dtype)[:, None, None, :]  # (B_d, 1, 1, S)
         self.chunks = []  # each other row's (first query, last + 1, slots read (S_b,), causal mask (T_b, S_b))
         first = d
         for b in range(d, len(rows.counts)):
             start, count = rows.starts[b], rows.counts[b]
             keys = torch.arange(start + count, device=device)
             mask = keys[None, :] <= torch.arange(start, start + count, device=device)[:, None]
-            self.chunks.append((first, first + count, rows.slots(torch.tensor(b, device=device), keys), additive(mask)))
+            read = rows.slots(torch.tensor(b, device=device), keys)
+            self.chunks.append((first, first + count, read, additive(mask, dtype)))
             first += count
 
 
-def additive(mask: torch.Tensor) -> torch.Tensor:
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask (True: attend) as SDPA adds it to the scores, converted once for all layers."""
-    return torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def gather_attention(
@@ -109,11 +110,13 @@ def gather_attention(
 
 def _read(keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The keys and values at `slots`; values that are the keys' first channels (MLA's latent) read once."""
-    k = keys.index_select(0, slots.flatten()).unflatten(0, slots.shape)  # index_select: a row copy per slot
+
+    def take(pool: torch.Tensor) -> torch.Tensor:  # index_select: one row copy per slot
+        return pool.index_select(0, slots.flatten()).unflatten(0, slots.shape)
+
+    k = take(keys)
     same = values.data_ptr() == keys.data_ptr() and values.stride() == keys.stride()
-    return k, (
-        k[..., : values.shape[-1]] if same else values.index_select(0, slots.flatten()).unflatten(0, slots.shape)
-    )
+    return k, k[..., : values.shape[-1]] if same else take(values)
 
 
 def query_bucket(n: int) -> int:
