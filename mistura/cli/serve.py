@@ -10,6 +10,7 @@ import argparse
 import os
 
 from mistura.cli.options import add_device_options, device_and_dtype
+from mistura.model.paged_attention import ATTENTION
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -58,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--attention",
-        choices=["gather", "flex"],
+        choices=ATTENTION,
         default="gather",
         help="how attention reads the paged KV cache: gather copies each sequence's context out of the pool "
         "for SDPA (the faster); flex runs FlexAttention on the pool's blocks in place, compiled at start-up "

@@ -41,7 +41,7 @@ class Cache(ABC):
     None here.
     """
 
-    frame: tuple[torch.Tensor, torch.Tensor] | None = None
+    frame: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def __init__(
         self,

@@ -111,8 +111,6 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, T, D_nope + D_rope)
         k = torch.cat((k_nope, k_pe.expand(-1, H, -1, -1)), dim=-1)
-        if isinstance(cache, AttendingCache):  # paged: it reads each row's context through its block table
-            return cache.attend(self.layer, q, k, v, scale=self.scale)
         start = 0
         if cache is not None:
             start = cache.pos

@@ -59,7 +59,7 @@ class PagedBatch:
     and where each row's new tokens sit in it."""
 
     ids: torch.Tensor  # (1, N)
-    cache: KVCache | LatentCache
+    cache: PagedKVCache | PagedLatentCache
     places: list[torch.Tensor]  # row b's new tokens' indices into ids[0]
 
     @property
@@ -124,14 +124,18 @@ class PagePool:
         places = torch.arange(len(write), device=device).split(packed.counts)
         kind = PagedLatentCache if self.latent else PagedKVCache
         cache = kind(self, write, packed.positions, layout)
-        return PagedBatch(ids, cache, [places[order.index(b)] for b in range(len(rows))])
+        where = {b: i for i, b in enumerate(order)}
+        return PagedBatch(ids, cache, [places[where[b]] for b in range(len(rows))])
 
     def warm_up(self, model: Transformer, max_tokens: int) -> None:
         """Compile the flex kernel for each query bucket up to `max_tokens` (seconds each on a CPU), so that no
         request waits for it. It writes into block 0: call it before the pool serves."""
         if self.attention != "flex":
             return
-        for n in query_buckets(max_tokens):
+        buckets = query_buckets(max_tokens)
+        limit = torch._dynamo.config.recompile_limit  # past it, torch.compile would fall back to eager flex
+        torch._dynamo.config.recompile_limit = max(limit, 2 * len(buckets))
+        for n in buckets:
             with torch.inference_mode():
                 batch = self.batch([PagedRow([0], 0, [0])] * n)
                 model.hidden_states(batch.ids, batch.cache)
@@ -169,7 +173,7 @@ class _PagedView(AttendingCache):
 
 
 class PagedKVCache(_PagedView, KVCache):
-    """Per-head keys and values in the pool's pages (grouped-query attention, MLA's naive path)."""
+    """Per-head keys and values in the pool's pages (grouped-query attention)."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale=None) -> torch.Tensor:
         """Store k, v (1, H_kv, N, D); q (1, H, N, D) attends over each row's keys and values: (1, H, N, D_v)."""

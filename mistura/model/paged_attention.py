@@ -47,6 +47,8 @@ class Rows:
         self.owner = torch.repeat_interleave(torch.arange(len(self.counts), device=self.device), counts)  # (N,)
         offset = torch.arange(len(self.owner), device=self.device) - (counts.cumsum(0) - counts)[self.owner]
         self.positions = torch.tensor(self.starts, device=self.device)[self.owner] + offset  # (N,) each token's
+        width = max(len(table) for table in self.tables)
+        self.padded = torch.tensor([table + [0] * (width - len(table)) for table in self.tables], device=self.device)
 
     @property
     def decodes(self) -> int:
@@ -55,9 +57,7 @@ class Rows:
 
     def slots(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The pool slots of (row, position) pairs, `rows` broadcast against `positions`."""
-        width = max(len(table) for table in self.tables)
-        tables = torch.tensor([table + [0] * (width - len(table)) for table in self.tables], device=self.device)
-        return tables[rows, positions // self.block_size] * self.block_size + positions % self.block_size
+        return self.padded[rows, positions // self.block_size] * self.block_size + positions % self.block_size
 
 
 class GatherLayout:

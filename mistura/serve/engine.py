@@ -283,8 +283,8 @@ class Engine:
         """The logits (B, V) after each sequence's last new token."""
         rows = [PagedRow(seq.table, seq.computed, seq.tokens[seq.computed : seq.computed + n]) for seq, n in batch]
         paged = self.pool.batch(rows)
-        hidden = self.model.hidden_states(paged.ids, paged.cache)  # (B, 1, D) or (1, N, D)
-        return self.model.logits(hidden.flatten(0, 1)[paged.last])
+        hidden = self.model.hidden_states(paged.ids, paged.cache)  # (1, N, D)
+        return self.model.logits(hidden[0][paged.last])
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> list[Event]:
         """seq's next token from logits (V,), and those of the completions forking from it at its first."""
