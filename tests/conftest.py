@@ -42,13 +42,21 @@ def prepared(small_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def eager_flex(monkeypatch):
-    """Paged flex attention uncompiled: exact through its mask_mod alone, with no compile to wait for."""
+def eager_flex(monkeypatch) -> list:
+    """Paged flex attention uncompiled: exact through its mask_mod alone, with no compile to wait for. The list
+    it gives grows by one for every call of the kernel."""
     from torch.nn.attention.flex_attention import flex_attention
 
     from mistura.model import paged_attention
 
-    monkeypatch.setattr(paged_attention, "flex_kernel", lambda: flex_attention)
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(None)
+        return flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(paged_attention, "flex_kernel", lambda: kernel)
+    return calls
 
 
 @pytest.fixture

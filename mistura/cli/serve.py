@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         shown = f"[{host}]" if ":" in host else host
         print(
             f"serving {app.state.model_name} at http://{shown}:{port}/v1 (OpenAI API; /health, /metrics; "
-            f"{args.attention} paged attention)",
+            f"{app.state.runner.engine.pool.attention} paged attention)",
             flush=True,
         )
         server = uvicorn.Server(uvicorn.Config(app, log_level="info"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mistura.errors import ConfigError
-from mistura.model import Transformer
+from mistura.model import Transformer, paged_attention
 from mistura.model.paged import PagedRow, PagePool
 from tests.infer.test_engine import ARCHITECTURES
 
@@ -39,18 +39,22 @@ def test_chunks_through_scattered_pages_give_the_full_forward_logits(tiny, archi
     torch.manual_seed(0)
     model = Transformer(tiny(preset, **overrides)).eval()
     got = forward_in_chunks(model, PagePool(model, n_blocks=16, block_size=4, attention=attention))
+    assert bool(eager_flex) == (attention == "flex")  # the flex kernel ran, and only for flex
     for b, seq in enumerate(SEQUENCES):
         want = model(torch.tensor([seq]))[0]
         assert torch.allclose(got[b], want, atol=1e-5), (b, (got[b] - want).abs().max())
 
 
 @torch.no_grad()
-def test_compiled_flex_reads_the_pool_in_place_as_gather_reads_it(tiny):
+def test_compiled_flex_reads_the_pool_in_place_as_gather_reads_it(tiny, monkeypatch):
     """The fused C++ kernel, not its eager reference: it visits only the blocks the block mask lists."""
     torch.manual_seed(0)
     model = Transformer(tiny("llama-tiny", n_kv_head=2)).eval()
     want = forward_in_chunks(model, PagePool(model, 16, 4))
+    compiled, kernels = paged_attention.flex_kernel(), []
+    monkeypatch.setattr(paged_attention, "flex_kernel", lambda: kernels.append(compiled) or compiled)
     got = forward_in_chunks(model, PagePool(model, 16, 4, attention="flex"))
+    assert len(kernels) == 3 * model.config.n_layer  # every layer of every forward ran the compiled kernel
     for g, w in zip(got, want, strict=True):
         assert torch.allclose(g, w, atol=1e-5), (g - w).abs().max()
 

@@ -65,6 +65,7 @@ def test_flex_attention_reads_the_pages_in_place_and_answers_the_same(tiny, arch
         engine.add("shared", Request(PROMPTS[10] + [1], GREEDY))
         results.append(run(engine, requests | {"again": Request(PROMPTS[10] + [2], GREEDY)})[0])
         assert engine.stats().preemptions > 0 and engine.stats().prefix_hit_tokens > 0
+        assert bool(eager_flex) == (attention == "flex")  # the flex kernel ran, and only for flex
     gathered, flexed = results
     assert flexed == gathered
     want = {(str(i), 0): alone(model, p) for i, p in enumerate(PROMPTS)}
