@@ -202,11 +202,16 @@ def throughput(args) -> None:
                 )
 
 
+def in_process(args) -> tuple[Transformer, list[tuple[list[int], int]]]:
+    """The checkpoint's model, and the throughput workload (all at once) as (prompt ids, new tokens) for its engine."""
+    model, tokenizer = mistura.load(args.checkpoint), load_tokenizer(args.checkpoint)
+    return model, [(encode_prompt(tokenizer, job.prompt), job.max_tokens) for job in workload(args.requests, math.inf)]
+
+
 def kv_memory(args) -> None:
     """Held-but-unfilled KV positions, averaged over the engine's steps, against a contiguous cache."""
-    model, tokenizer = mistura.load(args.checkpoint), load_tokenizer(args.checkpoint)
+    model, prompts = in_process(args)
     context = model.config.max_seq_len
-    prompts = [(encode_prompt(tokenizer, job.prompt), job.max_tokens) for job in workload(args.requests, math.inf)]
     print(f"\nKV memory, {args.requests} requests at once, {args.clients} running, averaged over the steps:")
     print("| cache | positions held | unfilled, of the pool | unfilled, of what is held |")
     print("|---|---:|---:|---:|")
@@ -232,8 +237,7 @@ def kv_memory(args) -> None:
 def attention(args) -> None:
     """The engine in-process on the throughput workload (all at once), with each way of reading the pages:
     steps, milliseconds per step and output tokens/s; flex's compile time apart."""
-    model, tokenizer = mistura.load(args.checkpoint), load_tokenizer(args.checkpoint)
-    prompts = [(encode_prompt(tokenizer, job.prompt), job.max_tokens) for job in workload(args.requests, math.inf)]
+    model, prompts = in_process(args)
     print(f"\nPaged attention, the engine in-process, {args.requests} requests at once, {args.clients} running:")
     print("| attention | compile s | steps | ms per step | output tok/s | ratio |")
     print("|---|---:|---:|---:|---:|---:|")

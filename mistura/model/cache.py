@@ -35,13 +35,12 @@ class Cache(ABC):
     (B,) then holds each row's count of padding slots at the start, which the model
     masks out of attention and leaves out of positions (row b's slot i is position
     i - pad[b]). None means no padding. `tensor_parallel` is the number of ranks that
-    split the heads (1: a single process). `frame`, the attention mask (B, 1, T, S) and
-    positions (B, T) of one forward's new tokens, is set by caches whose rows each stand
-    at their own position (mistura.model.paged, whose attention needs no mask: None);
-    None here.
+    split the heads (1: a single process). `positions` (B, T), the positions of one
+    forward's new tokens, is set by caches whose rows each stand at their own position
+    (mistura.model.paged, whose attention follows its block tables); None here.
     """
 
-    frame: tuple[torch.Tensor | None, torch.Tensor] | None = None
+    positions: torch.Tensor | None = None
 
     def __init__(
         self,

@@ -155,7 +155,7 @@ class _PagedView(AttendingCache):
 
     def __init__(self, pool: PagePool, write: torch.Tensor, positions: torch.Tensor, layout):
         self.pool, self.write, self.layout = pool, write, layout
-        self.frame = (None, positions[None])  # no mask: the attention follows the tables
+        self.positions = positions[None]  # (1, N)
         self.pos, self.pad, self.tensor_parallel = 0, None, 1
         self.max_len = int(positions.max()) + 1  # the longest row's length: a packed row holds several sequences
 

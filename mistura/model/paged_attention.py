@@ -140,21 +140,22 @@ class FlexLayout:
         from torch.nn.attention.flex_attention import BlockMask
 
         device, P = rows.device, rows.block_size
-        owner, self.queries = rows.owner, len(rows.owner)
-        padded = query_bucket(self.queries)
-        position = torch.full((padded,), -1, dtype=torch.int32, device=device)  # (N_pad,); padding: -1
-        position[: self.queries] = rows.positions
-        visits = torch.zeros(len(rows.counts), n_blocks, dtype=torch.int32, device=device)  # (B, n_blocks)
-        place = torch.full((len(rows.counts), n_blocks), -1, dtype=torch.int32, device=device)  # logical index
-        for b, table in enumerate(rows.tables):
-            ids = torch.tensor(table, dtype=torch.int32, device=device)
-            visits[b, : len(table)] = ids
-            place[b, ids] = torch.arange(len(table), dtype=torch.int32, device=device)
-        pad = padded - self.queries
-        kv_indices = torch.cat([visits[owner], visits.new_zeros(pad, n_blocks)])  # (N_pad, n_blocks)
-        kv_count = torch.tensor([len(t) for t in rows.tables], dtype=torch.int32, device=device)[owner]
-        kv_count = torch.cat([kv_count, kv_count.new_zeros(pad)])  # (N_pad,)
-        block_of = torch.cat([place[owner], place.new_full((pad, n_blocks), -1)])  # (N_pad, n_blocks)
+        self.queries = len(rows.owner)
+        pad = query_bucket(self.queries) - self.queries
+        B, width = rows.padded.shape
+        length = torch.tensor([len(table) for table in rows.tables], device=device)  # (B,)
+        logical = torch.arange(width, device=device).expand(B, width)  # (B, width) each table entry's index
+        real = logical < length[:, None]  # the padded tables' real entries
+        # Per row, with a last row of no blocks for the padding queries: the blocks it visits, in order, and
+        # the logical index of each of its blocks in the pool (-1: not its block).
+        visits = torch.zeros(B + 1, n_blocks, dtype=torch.int32, device=device)
+        visits[:B, :width] = rows.padded
+        place = torch.full((B + 1, n_blocks), -1, dtype=torch.int32, device=device)
+        place[torch.arange(B, device=device)[:, None].expand(B, width)[real], rows.padded[real]] = logical[real].int()
+        count = torch.cat([length, length.new_zeros(1)]).int()
+        owner = torch.cat([rows.owner, rows.owner.new_full((pad,), B)])  # (N_pad,)
+        position = torch.cat([rows.positions, rows.positions.new_full((pad,), -1)]).int()  # (N_pad,)
+        kv_indices, kv_count, block_of = visits[owner], count[owner], place[owner]  # per query
 
         def mask_mod(b, h, q_idx, kv_idx):
             logical = block_of[q_idx, kv_idx // P]  # -1: not the query's row's block
@@ -165,7 +166,7 @@ class FlexLayout:
             kv_indices[None, None],
             BLOCK_SIZE=(1, P),
             mask_mod=mask_mod,
-            seq_lengths=(padded, n_blocks * P),
+            seq_lengths=(len(owner), n_blocks * P),
         )
 
 

@@ -162,8 +162,8 @@ class Transformer(nn.Module):
         attention."""
         if cache is None:
             return None, None
-        if cache.frame is not None:
-            return cache.frame
+        if cache.positions is not None:
+            return None, cache.positions
         if cache.pad is None:
             return None, None
         slots = torch.arange(start, start + length, device=device)
